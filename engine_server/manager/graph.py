@@ -1,0 +1,139 @@
+"""Requests and semantic variables of every application, and the edges between them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine_server.protocol import FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall
+
+
+class GraphError(ValueError):
+    """A call that cannot become part of the DAG; the message says why."""
+
+
+@dataclass
+class Variable:
+    """A semantic variable: produced by at most one request, read by any number."""
+
+    id: str
+    app_id: str
+    name: str
+    producer: str | None = None
+    consumers: list[str] = field(default_factory=list)
+    state: str = "pending"  # pending | running | done | failed
+    value: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestNode:
+    """One call of a semantic function."""
+
+    id: str
+    app_id: str
+    function: FunctionSpec
+    inputs: dict[str, InputValue]
+    outputs: dict[str, str]  # output name -> variable id
+    state: str = "waiting"  # waiting | queued | running | done | failed
+    perf: Perf | None = None  # set once activated (criteria propagated from a .get)
+    depth: int = 0  # longest path from a root of the DAG; FIFO by depth within an app
+    engine_id: int | None = None
+    attempts: int = 0
+    t_submitted: float = field(default_factory=time.monotonic)
+    t_queued: float = 0.0
+    t_dispatched: float = 0.0
+
+
+@dataclass
+class App:
+    id: str
+    name: str
+    requests: list[str] = field(default_factory=list)
+
+
+class Graph:
+    """All applications' DAGs. Variables are global ids, so an app may read another's."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, App] = {}
+        self.requests: dict[str, RequestNode] = {}
+        self.variables: dict[str, Variable] = {}
+
+    def open_app(self, app_id: str, name: str) -> App:
+        app = self.apps[app_id] = App(app_id, name)
+        return app
+
+    def add_request(self, call: SubmitCall) -> RequestNode:
+        """Add a call as a request node, linked to the producers of its inputs."""
+        if call.app_id not in self.apps:
+            raise GraphError(f"unknown application {call.app_id!r}: open it with OpenApp first")
+        if call.request_id in self.requests:
+            raise GraphError(f"request id {call.request_id!r} was already submitted")
+        fn = call.function
+        declared_inputs = {c.name for c in fn.chunks if c.kind == "input"}
+        declared_outputs = [c.name for c in fn.chunks if c.kind == "output"]
+        if not declared_outputs:
+            raise GraphError(f"function {fn.name!r} has no output chunk")
+        if declared_inputs != set(call.inputs):
+            missing = sorted(declared_inputs - set(call.inputs))
+            extra = sorted(set(call.inputs) - declared_inputs)
+            raise GraphError(f"call of {fn.name!r}: inputs do not match the template (missing {missing}, unexpected {extra})")
+        if set(declared_outputs) != set(call.outputs):
+            raise GraphError(f"call of {fn.name!r}: outputs {sorted(call.outputs)} do not match the template {declared_outputs}")
+        for c in fn.chunks:
+            if c.kind == "output" and c.sampling is None:
+                raise GraphError(f"call of {fn.name!r}: output {c.name!r} has no sampling settings")
+        for name, value in call.inputs.items():
+            if (value.text is None) == (value.var_id is None):
+                raise GraphError(f"call of {fn.name!r}: input {name!r} must be either text or a variable reference")
+            if value.var_id is not None and value.var_id not in self.variables:
+                raise GraphError(f"call of {fn.name!r}: input {name!r} refers to unknown variable {value.var_id!r}")
+        for var_id in call.outputs.values():
+            if var_id in self.variables:
+                raise GraphError(f"variable id {var_id!r} already exists")
+
+        node = RequestNode(call.request_id, call.app_id, fn, dict(call.inputs), dict(call.outputs))
+        parents = [self.producer(v.var_id) for v in call.inputs.values() if v.var_id is not None]
+        node.depth = 1 + max((p.depth for p in parents if p is not None), default=-1)
+        self.requests[node.id] = node
+        self.apps[call.app_id].requests.append(node.id)
+        for name, var_id in call.outputs.items():
+            self.variables[var_id] = Variable(var_id, call.app_id, name, producer=node.id)
+        for value in call.inputs.values():
+            if value.var_id is not None:
+                self.variables[value.var_id].consumers.append(node.id)
+        return node
+
+    def producer(self, var_id: str) -> RequestNode | None:
+        """GetProducer: the request whose output ``var_id`` is (None for a constant)."""
+        producer = self.variables[var_id].producer
+        return self.requests[producer] if producer is not None else None
+
+    def consumers(self, var_id: str) -> list[RequestNode]:
+        """GetConsumers: the requests that read ``var_id``."""
+        return [self.requests[r] for r in self.variables[var_id].consumers]
+
+    def input_variables(self, node: RequestNode) -> list[Variable]:
+        return [self.variables[v.var_id] for v in node.inputs.values() if v.var_id is not None]
+
+    def is_ready(self, node: RequestNode) -> bool:
+        return all(v.state == "done" for v in self.input_variables(node))
+
+    def program(self, node: RequestNode) -> list[SegmentSpec]:
+        """The request with its inputs filled in: text to prefill and outputs to generate."""
+        segments: list[SegmentSpec] = []
+        for chunk in node.function.chunks:
+            if chunk.kind == "output":
+                segments.append(SegmentSpec("gen", var_id=node.outputs[chunk.name], sampling=chunk.sampling))
+                continue
+            if chunk.kind == "text":
+                text = chunk.text
+            else:
+                value = node.inputs[chunk.name]
+                text = value.text if value.text is not None else self.variables[value.var_id].value or ""
+            if segments and segments[-1].kind == "text":
+                segments[-1].text += text
+            else:
+                segments.append(SegmentSpec("text", text=text))
+        return segments
