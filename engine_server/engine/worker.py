@@ -1,0 +1,137 @@
+"""An engine worker process: owns the model and runs request programs.
+
+Started by the server (``python -m engine_server.engine.worker``), it connects a
+DEALER to the server's ``workers`` ROUTER, says ``WorkerHello`` and then runs
+``RunRequest`` programs one after another, streaming ``WorkerDelta`` messages
+and ending each with ``WorkerDone`` or ``WorkerFailed``. A crash here loses no
+work: the server notices the exit and gives the request to a fresh worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+import torch
+import zmq
+
+from engine_server.engine.model import build_tiny_model
+from engine_server.engine.runner import GenSegment, ProgramRunner, TextSegment
+from engine_server.engine.sampler import SamplingParams
+from engine_server.engine.tokenizer import ByteTokenizer
+from engine_server.protocol import (
+    ProtocolError,
+    RunRequest,
+    SamplingSpec,
+    SegmentSpec,
+    StopWorker,
+    WorkerDelta,
+    WorkerDone,
+    WorkerFailed,
+    WorkerHello,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("engine_server.worker")
+
+
+def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSegment]:
+    out: list[TextSegment | GenSegment] = []
+    for seg in segments:
+        if seg.kind == "text":
+            out.append(TextSegment(seg.text))
+        else:
+            s = seg.sampling or SamplingSpec()
+            params = SamplingParams(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                stop=tuple(s.stop),
+                seed=s.seed,
+                ignore_eos=s.ignore_eos,
+            )
+            out.append(GenSegment(seg.var_id, params))
+    return out
+
+
+class Worker:
+    def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes) -> None:
+        self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.runner = ProgramRunner(build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer(), device)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(endpoint)
+        self.parent = os.getppid()
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart(encode(msg, self.key))
+
+    def run(self) -> None:
+        self.send(WorkerHello(self.engine_id, os.getpid(), self.model_name, self.device))
+        while True:
+            if not self.sock.poll(1000):
+                if os.getppid() != self.parent:  # the server died without stopping us
+                    log.error("engine %d: server process is gone; exiting", self.engine_id)
+                    return
+                continue
+            try:
+                msg = decode(self.sock.recv_multipart(), self.key).msg
+            except ProtocolError as exc:
+                log.error("engine %d: malformed message from the server: %s", self.engine_id, exc)
+                continue
+            if isinstance(msg, StopWorker):
+                return
+            if isinstance(msg, RunRequest):
+                self.handle(msg)
+
+    def handle(self, req: RunRequest) -> None:
+        def on_delta(var_id: str, text: str) -> None:
+            self.send(WorkerDelta(req.request_id, var_id, text))
+
+        try:
+            result = self.runner.run(to_runner_segments(req.segments), on_delta=on_delta)
+        except Exception as exc:  # report the failure for this request; the worker stays up
+            log.error("engine %d: request %s failed:\n%s", self.engine_id, req.request_id, traceback.format_exc())
+            self.send(WorkerFailed(req.request_id, f"{type(exc).__name__}: {exc}"))
+            return
+        self.send(
+            WorkerDone(
+                req.request_id,
+                dict(result.outputs),
+                result.prompt_tokens,
+                sum(result.output_tokens.values()),
+                result.timings.prefill_s,
+                result.timings.decode_s,
+                result.timings.ttft_s or 0.0,
+            )
+        )
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine_server.engine.worker")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--engine-id", type=int, required=True)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, os.environ.get("PARROT_NB_KEY", "").encode())
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Semantic functions: prompt templates that are called like Python functions."""
+
+from __future__ import annotations
+
+import html
+import inspect
+from collections import namedtuple
+from collections.abc import Callable
+from typing import Any
+
+from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, SamplingSpec, SubmitCall, new_id
+from parrot_nb import session
+from parrot_nb.app import current_app_name
+from parrot_nb.template import InputChunk, OutputChunk, ParsedTemplate, TextChunk, parse_template, validate_options
+from parrot_nb.variable import SemanticVariable
+
+
+class SemanticFunction:
+    """A prompt template whose ``{{input:x}}`` and ``{{output:y}}`` placeholders are semantic variables.
+
+    Calling it returns immediately: a ``SemanticVariable`` for a single output,
+    or a named tuple of them (one attribute per output). Nothing runs until a
+    variable downstream is requested.
+    """
+
+    def __init__(self, name: str, template: str, **defaults: Any) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"a semantic function's name must be a Python identifier, not {name!r}")
+        self.name = name
+        self.template = template
+        self.parsed: ParsedTemplate = parse_template(template, name=name)
+        self.defaults = validate_options(defaults, where=f"semantic function {name!r}")
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.parsed.inputs]
+        )
+        self._result_type = namedtuple(f"{name}_outputs", self.parsed.outputs) if len(self.outputs) > 1 else None  # type: ignore[misc]
+
+    @classmethod
+    def from_template(cls, name: str, template: str, **defaults: Any) -> SemanticFunction:
+        """Define a function from a template; ``defaults`` are sampling settings for every output."""
+        return cls(name, template, **defaults)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.parsed.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.parsed.outputs
+
+    def sampling(self, output: str) -> SamplingSpec:
+        """The sampling settings of ``output``: its placeholder's, else the function's defaults."""
+        chunk = next(c for c in self.parsed.chunks if isinstance(c, OutputChunk) and c.name == output)
+        options = {**self.defaults, **dict(chunk.options)}
+        if "stop" in options:
+            options["stop"] = list(options["stop"])
+        return SamplingSpec(**options)
+
+    def spec(self) -> FunctionSpec:
+        chunks = []
+        for c in self.parsed.chunks:
+            if isinstance(c, TextChunk):
+                chunks.append(ChunkSpec("text", text=c.text))
+            elif isinstance(c, InputChunk):
+                chunks.append(ChunkSpec("input", name=c.name))
+            else:
+                chunks.append(ChunkSpec("output", name=c.name, sampling=self.sampling(c.name)))
+        return FunctionSpec(self.name, chunks)
+
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Match a call's arguments to the inputs, as Python does for a function's parameters."""
+        try:
+            bound = self.__signature__.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+        return dict(bound.arguments)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        values = self.bind(*args, **kwargs)
+        client = session.require_client()
+        inputs: dict[str, InputValue] = {}
+        for name, value in values.items():
+            if isinstance(value, SemanticVariable):
+                if value._client is not client:
+                    raise ValueError(
+                        f"{self.name}(): input {name!r} is a variable from another engine-server connection; "
+                        "pass its text (var.get()) instead"
+                    )
+                inputs[name] = InputValue(var_id=value.id)
+            else:
+                inputs[name] = InputValue(text=value if isinstance(value, str) else str(value))
+        app_id = client.app_id(current_app_name())
+        request_id = new_id()
+        variables = [SemanticVariable(client, app_id, new_id(), out, self.name) for out in self.outputs]
+        client.track(request_id, variables)
+        call = SubmitCall(app_id, request_id, self.spec(), inputs, {v.name: v.id for v in variables})
+
+        def on_reply(fut: Any) -> None:
+            # The call returned already; a refusal reaches the user through its variables.
+            try:
+                reply = fut.result()
+            except Exception as exc:
+                error = str(exc)
+            else:
+                error = getattr(reply, "message", None)
+            if error is not None:
+                for v in variables:
+                    v._fail(f"the server refused the call: {error}")
+                    v._notify()
+
+        client.request(call).add_done_callback(on_reply)
+        if self._result_type is None:
+            return variables[0]
+        return self._result_type(*variables)
+
+    def __repr__(self) -> str:
+        return f"<SemanticFunction {self.name}({', '.join(self.inputs)}) -> {', '.join(self.outputs)}>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        head = f"semantic function {self.name}({', '.join(self.inputs)}) -> {', '.join(self.outputs)}"
+        return {
+            "text/plain": head,
+            "text/html": f"<code>{html.escape(head)}</code>",
+        }
+
+
+def semantic_function(fn: Callable[..., Any] | None = None, /, **defaults: Any) -> Any:
+    """Decorator: the function's docstring is the template, its name the function's name.
+
+    ``@semantic_function`` or ``@semantic_function(max_tokens=32)``.
+    """
+
+    def wrap(f: Callable[..., Any]) -> SemanticFunction:
+        if not f.__doc__:
+            raise ValueError(f"@semantic_function {f.__name__}: the docstring is the template, and it is empty")
+        return SemanticFunction(f.__name__, inspect.cleandoc(f.__doc__), **defaults)
+
+    return wrap(fn) if fn is not None else wrap
+

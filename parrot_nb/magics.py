@@ -1,0 +1,137 @@
+"""``%%semantic`` and ``%parrot``: define semantic functions and drive the engine server from a notebook."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from parrot_nb import session
+from parrot_nb.function import SemanticFunction
+from parrot_nb.template import TemplateError
+
+PARROT_USAGE = """\
+%parrot start [--model tiny|PATH] [--device cpu|cuda] [--port P] [--engines N]
+                          start an engine server in the background and connect
+%parrot connect [CONNECTION_FILE]
+                          attach to a running server (default: the newest one)
+%parrot status            show the server's engines and applications
+%parrot stop              stop the server and disconnect
+%parrot disconnect        disconnect, leaving the server running"""
+
+
+@magics_class
+class ParrotMagics(Magics):
+    @no_var_expand
+    @magic_arguments()
+    @argument("name", help="name of the semantic function to define in the user namespace")
+    @argument("--max-tokens", type=int, default=None, help="default max tokens of each output")
+    @argument("--temperature", type=float, default=None, help="default sampling temperature (0 = greedy)")
+    @argument("--top-p", type=float, default=None, help="default nucleus sampling threshold")
+    @argument("--top-k", type=int, default=None, help="default top-k (0 = off)")
+    @argument("--seed", type=int, default=None, help="default sampling seed")
+    @argument("--stop", action="append", default=None, help="default stop string (repeatable)")
+    @cell_magic
+    def semantic(self, line: str, cell: str) -> Any:
+        """Define a semantic function: the cell body is its template.
+
+        Placeholders: ``{{input:name}}`` and ``{{output:name key=value ...}}``;
+        everything else is literal text (JSON and code included).
+        """
+        args = parse_argstring(self.semantic, line)
+        defaults = {
+            key: value
+            for key, value in (
+                ("max_tokens", args.max_tokens),
+                ("temperature", args.temperature),
+                ("top_p", args.top_p),
+                ("top_k", args.top_k),
+                ("seed", args.seed),
+                ("stop", tuple(_unescape(s) for s in args.stop) if args.stop else None),
+            )
+            if value is not None
+        }
+        if cell.endswith("\n"):  # the cell's last newline is the editor's, not the prompt's
+            cell = cell[:-1]
+        try:
+            fn = SemanticFunction.from_template(args.name, cell, **defaults)
+        except TemplateError as exc:
+            # Show the error without a traceback through IPython internals: it is about the cell.
+            print(f"TemplateError: {exc}")
+            raise
+        self.shell.user_ns[args.name] = fn
+        return fn
+
+    @no_var_expand
+    @line_magic
+    def parrot(self, line: str) -> Any:
+        """Start, connect to, inspect or stop the engine server."""
+        words = shlex.split(line)
+        if not words or words[0] in ("-h", "--help", "help"):
+            print(PARROT_USAGE)
+            return None
+        command, rest = words[0], words[1:]
+        if command == "start":
+            return self._start(rest)
+        if command == "connect":
+            if len(rest) > 1:
+                raise ValueError("usage: %parrot connect [CONNECTION_FILE]")
+            client = session.connect(rest[0] if rest else None)
+            print(f"connected to the engine server (pid {client.info.pid}, model {client.info.model}) at {client.info.requests}")
+            return None
+        if command == "status":
+            return _format_status(session.status())
+        if command == "stop":
+            session.stop()
+            print("engine server stopped")
+            return None
+        if command == "disconnect":
+            session.disconnect()
+            print("disconnected; the engine server keeps running")
+            return None
+        raise ValueError(f"unknown %parrot command {command!r}\n{PARROT_USAGE}")
+
+    def _start(self, words: list[str]) -> None:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="%parrot start", add_help=False, exit_on_error=False)
+        parser.add_argument("--model", default="tiny")
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        parser.add_argument("--port", type=int, default=None)
+        parser.add_argument("--engines", type=int, default=1)
+        try:
+            args = parser.parse_args(words)
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise ValueError(f"{exc}\n{PARROT_USAGE}") from None
+        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines)
+        print(
+            f"engine server started (pid {client.info.pid}, model {args.model}, device {args.device}, "
+            f"{args.engines} engine{'s' if args.engines != 1 else ''}); log: {session.server_log()}"
+        )
+
+
+class _Status:
+    """``%parrot status`` output: plain text, and a table in rich frontends."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _format_status(st: Any) -> _Status:
+    lines = [f"engine server {st.server_version}, pid {st.pid}, up {st.uptime_s:.0f} s, model {st.model} on {st.device}"]
+    for e in st.engines:
+        lines.append(f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}, finished {e.finished}")
+    for a in st.apps:
+        lines.append(f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed")
+    lines.append(f"  queued: {st.queued}")
+    return _Status("\n".join(lines))
+
+
+def _unescape(s: str) -> str:
+    # A stop string on the magic line is written like a Python literal: --stop "\n\n".
+    return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s

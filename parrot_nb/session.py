@@ -1,0 +1,166 @@
+"""This process's engine server: start one, connect to one, stop it.
+
+``%parrot start`` / ``%parrot connect`` / ``%parrot stop`` are thin wrappers
+over these functions, which plain Python (an exported pipeline) uses too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine_server.protocol import (
+    CONNECTION_PREFIX,
+    ConnectionInfo,
+    ServerStatus,
+    Shutdown,
+    Status,
+    find_connection_files,
+    new_id,
+    runtime_dir,
+)
+from parrot_nb.client import Client, _pid_alive
+
+
+class NotConnectedError(RuntimeError):
+    """No engine server is connected in this process."""
+
+
+class ServerStartError(RuntimeError):
+    """The engine server could not be started; the message includes its log."""
+
+
+_client: Client | None = None
+_server: subprocess.Popen[bytes] | None = None
+_log_file: Path | None = None
+
+
+def current_client() -> Client | None:
+    return _client if _client is not None and not _client.closed else None
+
+
+def require_client() -> Client:
+    client = current_client()
+    if client is None:
+        raise NotConnectedError(
+            "no engine server is connected: run `%parrot start` (or parrot_nb.start()) to start one, "
+            "or `%parrot connect` (parrot_nb.connect()) to attach to a running one"
+        )
+    return client
+
+
+def start(
+    model: str = "tiny",
+    device: str = "cpu",
+    port: int | None = None,
+    engines: int = 1,
+    timeout: float = 120.0,
+    event_log: str | os.PathLike[str] | None = None,
+) -> Client:
+    """Spawn an engine server in the background (detached) and connect to it."""
+    global _server, _log_file
+    if current_client() is not None:
+        raise RuntimeError(
+            f"already connected to the engine server (pid {_client.info.pid}); `%parrot stop` it first"  # type: ignore[union-attr]
+        )
+    run_dir = runtime_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ident = new_id()[:12]
+    connection_file = run_dir / f"{CONNECTION_PREFIX}{ident}.json"
+    log_file = run_dir / f"{CONNECTION_PREFIX}{ident}.log"
+    cmd = [sys.executable, "-m", "engine_server", "--model", model, "--device", device, "--engines", str(engines)]
+    cmd += ["--connection-file", str(connection_file)]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    if event_log is not None:
+        cmd += ["--event-log", str(event_log)]
+    with open(log_file, "ab") as log:
+        # A new session: the server outlives an interrupted cell and is not hit by the kernel's SIGINT.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not connection_file.exists():
+        if proc.poll() is not None:
+            raise ServerStartError(
+                f"the engine server exited with code {proc.returncode} while starting. Its log ({log_file}):\n"
+                + _tail(log_file)
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise ServerStartError(f"the engine server did not start within {timeout:g} s. Its log:\n" + _tail(log_file))
+        time.sleep(0.05)
+    client = connect(connection_file)
+    _server, _log_file = proc, log_file
+    return client
+
+
+def connect(connection_file: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> Client:
+    """Connect to a running engine server (default: the newest one in Jupyter's runtime dir)."""
+    global _client
+    if connection_file is None:
+        live = [p for p in find_connection_files() if _alive(p)]
+        if not live:
+            raise FileNotFoundError(
+                f"no running engine server found in {runtime_dir()}: start one with `%parrot start` "
+                "or `parrot-nb serve`, or pass its connection file"
+            )
+        connection_file = live[0]
+    info = ConnectionInfo.read(connection_file)
+    if not _pid_alive(info.pid):
+        raise ConnectionError(f"the engine server of {connection_file} (pid {info.pid}) is not running")
+    if _client is not None:
+        _client.close()
+    _client = Client(info, timeout=timeout)
+    return _client
+
+
+def status(timeout: float = 10.0) -> ServerStatus:
+    reply = require_client().call(Status(), timeout=timeout)
+    assert isinstance(reply, ServerStatus)
+    return reply
+
+
+def stop(timeout: float = 15.0) -> None:
+    """Stop the connected server and disconnect."""
+    global _client, _server
+    client = require_client()
+    try:
+        client.call(Shutdown(), timeout=timeout)
+    finally:
+        client.close()
+        _client = None
+    deadline = time.monotonic() + timeout
+    while _pid_alive(client.info.pid) and time.monotonic() < deadline:
+        if _server is not None and _server.pid == client.info.pid:
+            _server.poll()  # reap our own child so it does not linger as a zombie
+        time.sleep(0.05)
+    _server = None
+
+
+def disconnect() -> None:
+    """Close the connection without stopping the server."""
+    global _client
+    if _client is not None:
+        _client.close()
+        _client = None
+
+
+def server_log() -> Path | None:
+    """The log file of the server this process started, if it started one."""
+    return _log_file
+
+
+def _alive(path: Path) -> bool:
+    try:
+        return _pid_alive(ConnectionInfo.read(path).pid)
+    except (OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

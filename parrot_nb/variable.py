@@ -1,0 +1,196 @@
+"""Semantic variables: the futures that calls of semantic functions return."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+from collections.abc import Generator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from engine_server.protocol import (
+    Activate,
+    ErrorReply,
+    Message,
+    Perf,
+    RequestDispatched,
+    TokenDelta,
+    VarFailed,
+    VarReady,
+    VarState,
+)
+
+if TYPE_CHECKING:
+    from parrot_nb.client import Client
+
+PERFS = ("latency", "throughput")
+
+
+class SemanticVariableError(RuntimeError):
+    """The request that produces a variable failed; the message says why."""
+
+
+class SemanticVariable:
+    """An output of a semantic-function call, computed by the engine server.
+
+    Nothing runs until a variable downstream is requested: ``v.get()``,
+    ``await v``, or displaying ``v`` in a notebook cell (which streams the
+    tokens as they arrive).
+    """
+
+    def __init__(self, client: Client, app_id: str, var_id: str, name: str, function: str) -> None:
+        self._client = client
+        self.app_id = app_id
+        self.id = var_id
+        self.name = name
+        self.function = function
+        self._future: Future[str] = Future()
+        self._state = "pending"
+        self._parts: list[str] = []
+        self._changed = threading.Condition()
+        self._activated: set[str] = set()
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def state(self) -> str:
+        """``pending`` (not started), ``running``, ``done`` or ``failed``."""
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._future.done()
+
+    @property
+    def partial(self) -> str:
+        """The text streamed so far (the whole value once done)."""
+        return "".join(self._parts)
+
+    def activate(self, perf: Perf = "latency") -> None:
+        """Ask the server for this variable without waiting (what ``get`` does first)."""
+        if perf not in PERFS:
+            raise ValueError(f"perf must be 'latency' or 'throughput', not {perf!r}")
+        if self._future.done() or perf in self._activated:
+            return
+        self._activated.add(perf)
+        self._client.request(Activate(self.app_id, self.id, perf)).add_done_callback(self._on_activated)
+
+    def get(self, perf: Perf = "latency", timeout: float | None = None) -> str:
+        """Block until the value is ready and return it.
+
+        ``perf`` tells the server what to optimise the requests behind this
+        variable for: ``latency`` (someone is waiting) or ``throughput``.
+        Raises ``SemanticVariableError`` if the request failed and
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        self.activate(perf)
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self._label()} was not ready within {timeout:g} s (state: {self._state}); "
+                "it keeps running: call .get() again to wait longer"
+            ) from None
+
+    def __await__(self) -> Generator[Any, None, str]:
+        self.activate("latency")
+        return asyncio.wrap_future(self._future).__await__()
+
+    def __repr__(self) -> str:
+        if self._state == "done":
+            return f"<SemanticVariable {self._label()} done: {self._future.result()!r}>"
+        if self._state == "failed":
+            return f"<SemanticVariable {self._label()} failed: {self._future.exception()}>"
+        return f"<SemanticVariable {self._label()} {self._state}>"
+
+    # ----------------------------------------------------------------- display
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        if self._state == "done":
+            text = self._future.result()
+        elif self._state == "failed":
+            text = f"[{self._label()} failed] {self._future.exception()}"
+        else:
+            text = self.partial + f" [{self._label()} {self._state}…]"
+        badge = {"done": "#2e7d32", "failed": "#c62828"}.get(self._state, "#757575")
+        return {
+            "text/plain": text,
+            "text/html": (
+                f'<div class="parrot-nb-var"><span style="font-size:smaller;color:{badge}">'
+                f"{html.escape(self._label())} · {self._state}</span>"
+                f'<pre style="white-space:pre-wrap;margin:2px 0">{html.escape(text)}</pre></div>'
+            ),
+        }
+
+    def _ipython_display_(self) -> None:
+        """Display in a cell: request the value and stream tokens into the output until done."""
+        from IPython.display import display
+
+        if self._future.done():
+            display(self._repr_mimebundle_(), raw=True)
+            return
+        self.activate("latency")
+        handle = display(self._repr_mimebundle_(), raw=True, display_id=True)
+        shown = None
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self.partial != shown or self._future.done(), timeout=0.5)
+                if self.partial != shown or self._future.done():
+                    shown = self.partial
+                    handle.update(self._repr_mimebundle_(), raw=True)
+                if self._future.done():
+                    return
+        except KeyboardInterrupt:
+            # Interrupting the display does not cancel the request: it keeps running on the server.
+            handle.update(self._repr_mimebundle_(), raw=True)
+
+    # ----------------------------------------------------------------- events (client I/O thread)
+
+    def _label(self) -> str:
+        return f"{self.function}.{self.name}"
+
+    def _on_event(self, event: Message) -> None:
+        if isinstance(event, TokenDelta):
+            self._parts.append(event.text)
+        elif isinstance(event, VarReady):
+            self._resolve(event.value)
+        elif isinstance(event, VarFailed):
+            self._fail(event.error)
+        elif isinstance(event, RequestDispatched) and self._state == "pending":
+            self._state = "running"
+        self._notify()
+
+    def _on_activated(self, fut: Future[Message]) -> None:
+        try:
+            reply = fut.result()
+        except Exception as exc:
+            self._fail(str(exc))
+        else:
+            if isinstance(reply, ErrorReply):
+                self._fail(reply.message)
+            elif isinstance(reply, VarState) and reply.state == "done" and reply.value is not None:
+                self._resolve(reply.value)
+            elif isinstance(reply, VarState) and reply.state == "failed":
+                self._fail(reply.error or "failed")
+        self._notify()
+
+    def _on_server_gone(self, reason: str) -> None:
+        self._fail(reason)
+        self._notify()
+
+    def _resolve(self, value: str) -> None:
+        if not self._future.done():
+            self._parts = [value]
+            self._state = "done"
+            self._future.set_result(value)
+
+    def _fail(self, error: str) -> None:
+        if not self._future.done():
+            self._state = "failed"
+            self._future.set_exception(SemanticVariableError(f"{self._label()}: {error}"))
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
