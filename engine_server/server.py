@@ -244,8 +244,8 @@ class EngineServer:
         else:
             try:
                 reply = handler(env.msg)
-            except (GraphError, KeyError, ValueError) as exc:
-                reply = ErrorReply("invalid", str(exc).strip("'\""))
+            except (GraphError, ValueError) as exc:
+                reply = ErrorReply("invalid", str(exc))
             except Exception as exc:  # a bug must not take the server (and every notebook) down
                 log.exception("error handling %s", env.msg.TYPE)
                 reply = ErrorReply("internal", f"internal server error handling {env.msg.TYPE}: {exc!r}")
