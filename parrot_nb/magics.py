@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from parrot_nb import session
 from parrot_nb.function import SemanticFunction
@@ -40,7 +41,7 @@ class ParrotMagics(Magics):
         Placeholders: ``{{input:name}}`` and ``{{output:name key=value ...}}``;
         everything else is literal text (JSON and code included).
         """
-        args = parse_argstring(self.semantic, line)
+        args = self.semantic.parser.parse_args(_split(line))
         defaults = {
             key: value
             for key, value in (
@@ -113,7 +114,7 @@ class ParrotMagics(Magics):
 
 
 class _Status:
-    """``%parrot status`` output: plain text, and a table in rich frontends."""
+    """``%parrot status`` output, shown as plain text (not as a quoted string)."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -132,6 +133,24 @@ def _format_status(st: Any) -> _Status:
     return _Status("\n".join(lines))
 
 
+def _split(line: str) -> list[str]:
+    """Split a magic line like a shell does, quotes removed, but keep backslashes.
+
+    Backslashes stay so that `--stop \\n` and `--stop "\\n\\n"` both reach
+    ``_unescape`` intact.
+    """
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""
+    try:
+        return list(lexer)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse the magic line {line!r}: {exc}") from None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
 def _unescape(s: str) -> str:
-    # A stop string on the magic line is written like a Python literal: --stop "\n\n".
-    return s.encode("utf-8").decode("unicode_escape") if "\\" in s else s
+    """Turn the escapes \\n \\t \\r \\\\ \\" \\' of a magic-line stop string into characters."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), s)

@@ -91,7 +91,13 @@ def start(
             proc.kill()
             raise ServerStartError(f"the engine server did not start within {timeout:g} s. Its log:\n" + _tail(log_file))
         time.sleep(0.05)
-    client = connect(connection_file)
+    try:
+        client = connect(connection_file)
+    except BaseException:
+        proc.kill()  # started in its own session: nobody else would ever stop it
+        proc.wait()
+        connection_file.unlink(missing_ok=True)
+        raise
     _server, _log_file = proc, log_file
     return client
 

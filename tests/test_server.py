@@ -231,6 +231,8 @@ def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process
         slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=2000, ignore_eos=True)
         out = slow()
         out.activate()
+        while out.state != "running":
+            time.sleep(0.05)
         server_process.proc.kill()
         server_process.proc.wait()
         with pytest.raises(SemanticVariableError, match="engine server .* has exited"):
@@ -239,13 +241,38 @@ def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process
         parrot_nb.disconnect()
 
 
+def test_engine_workers_die_with_a_killed_server_even_mid_request(server_process) -> None:
+    parrot_nb.connect(server_process.connection_file)
+    try:
+        slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=2000, ignore_eos=True)
+        out = slow()
+        out.activate()
+        while out.state != "running":
+            time.sleep(0.05)
+        engine_pid = parrot_nb.status().engines[0].pid
+        server_process.proc.kill()
+        server_process.proc.wait()
+    finally:
+        parrot_nb.disconnect()
+    deadline = time.monotonic() + 30
+    while _alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(engine_pid)
+
+
+def _alive(pid: int) -> bool:
+    from parrot_nb.client import _pid_alive
+
+    return _pid_alive(pid)
+
+
 def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_process) -> None:
     parrot_nb.connect(server_process.connection_file)
     engine_pid = parrot_nb.status().engines[0].pid
     parrot_nb.stop()
     server_process.proc.wait(30)
     assert not server_process.connection_file.exists()
-    with pytest.raises(ProcessLookupError):
-        for _ in range(100):
-            os.kill(engine_pid, 0)
-            time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while _alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(engine_pid)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ctypes
 import os
+import signal
 import sys
 import traceback
 
@@ -117,7 +119,21 @@ class Worker:
         self.ctx.destroy(linger=1000)
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when the server dies, even mid-request.
+
+    A worker blocked in a long generation, or in a send to a server that is gone,
+    would otherwise never notice; the idle-time parent check in ``Worker.run``
+    covers systems without prctl.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    parent = os.getppid()
     parser = argparse.ArgumentParser(prog="python -m engine_server.engine.worker")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--engine-id", type=int, required=True)
@@ -125,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.getppid() != parent:  # the server died before prctl took effect
+        return 1
     worker = Worker(args.endpoint, args.engine_id, args.model, args.device, os.environ.get("PARROT_NB_KEY", "").encode())
     try:
         worker.run()
