@@ -81,3 +81,15 @@ def connected(shared_server: ServerProcess) -> Iterator[ServerProcess]:
     parrot_nb.connect(shared_server.connection_file)
     yield shared_server
     parrot_nb.disconnect()
+
+
+@pytest.fixture(scope="session")
+def ipython_shell():
+    """IPython's test shell with the extension loaded (a singleton: one per test run)."""
+    import IPython
+    from IPython.testing.globalipapp import start_ipython
+
+    start_ipython()  # returns the shell only on its first call; get it through IPython afterwards
+    shell = IPython.get_ipython()
+    shell.run_line_magic("load_ext", "parrot_nb")
+    return shell

@@ -131,13 +131,11 @@ def test_invalid_perf_is_refused() -> None:
         SemanticVariable(None, "a", "v", "o", "f").get(perf="fast")  # type: ignore[arg-type]
 
 
-def test_displaying_a_variable_streams_it_to_its_final_text(connected) -> None:
+def test_displaying_a_variable_streams_it_to_its_final_text(connected, ipython_shell) -> None:
     fn = SemanticFunction.from_template("shown", "Show: {{output:o max_tokens=6}}")
     v = fn()
-    from IPython.testing.globalipapp import get_ipython
     from IPython.utils.capture import capture_output
 
-    get_ipython()  # the same test shell the magics tests use (shells are singletons)
     with capture_output() as captured:
         v._ipython_display_()
     assert v.state == "done"

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from IPython.testing.globalipapp import get_ipython
 
 import parrot_nb
 from engine_server.protocol import CONNECTION_PREFIX, runtime_dir
@@ -24,11 +23,9 @@ from parrot_nb.magics import PARROT_USAGE
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def shell():
-    ip = get_ipython()
-    ip.run_line_magic("load_ext", "parrot_nb")
-    return ip
+@pytest.fixture
+def shell(ipython_shell):
+    return ipython_shell
 
 
 @pytest.fixture
