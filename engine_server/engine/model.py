@@ -120,8 +120,8 @@ def rope_cos_sin(
     Angles are computed in float32 (bf16 positions lose precision past 256) and
     each frequency appears twice, in the two halves, as rotate-half expects.
     """
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    dims = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -157,7 +157,12 @@ class Attention(nn.Module):
         start: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x: [T, dim] for positions start..start+T; k_cache/v_cache: this layer's [max_len, kv_heads, head_dim]."""
+        """x: [T, dim] at positions start..start+T-1.
+
+        k_cache/v_cache are this layer's [max_len, n_kv_heads, head_dim] slices. mask is
+        [T, start+T] (True = may attend), or None when the cache was empty (SDPA's own
+        causal mask applies) or T == 1 (a lone query sees everything).
+        """
         T = x.shape[0]
         q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
@@ -175,7 +180,7 @@ class Attention(nn.Module):
         # An empty cache makes the mask the plain square causal one, which SDPA
         # builds itself (and which lets it pick flash kernels).
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=T > 1
+            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=start == 0 and T > 1
         )
         return self.o_proj(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))
 
@@ -229,14 +234,18 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
         """Run tokens [T] at positions cache.length.. and append their K/V to the cache.
 
         Returns float32 logits [T, vocab] (or [1, vocab] for the last token only,
         which is all prefill needs) and advances cache.length by T.
         """
         if tokens.ndim != 1 or tokens.numel() == 0:
-            raise ValueError(f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}"
+            )
         T = tokens.shape[0]
         start, end = cache.length, cache.length + T
         limit = min(cache.capacity, self.config.max_seq_len)
@@ -253,7 +262,7 @@ class LlamaModel(nn.Module):
         # query sees everything; an empty cache is the square case SDPA handles itself.
         mask = None
         if start > 0 and T > 1:
-            mask = None
+            mask = positions[:, None] >= torch.arange(end, device=tokens.device)[None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
         cache.length = end

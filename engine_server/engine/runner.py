@@ -1,7 +1,8 @@
 """Runs one request's program: prompt text to prefill, interleaved with outputs to generate.
 
 A program is a list of segments, e.g.
-    [TextSegment("Q: ..."), GenSegment("a", params), TextSegment(" Then: "), GenSegment("b", params)]
+    [TextSegment("Q: ... A:"), GenSegment("a", params), TextSegment(" Then:"),
+     GenSegment("b", params)]
 The whole program shares one KV cache, so each output sees the prompt and all
 earlier outputs, and nothing is prefilled twice.
 """
@@ -137,7 +138,8 @@ class ProgramRunner:
         if prompt_tokens + max_output > limit:
             raise ValueError(
                 f"program too long: prompt is {prompt_tokens} tokens and outputs may add "
-                f"{max_output} (sum of max_tokens), {prompt_tokens + max_output} > max_seq_len {limit}"
+                f"{max_output} (sum of max_tokens): {prompt_tokens + max_output} > "
+                f"max_seq_len {limit}"
             )
 
         cache = KVCache.allocate(
