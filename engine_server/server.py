@@ -178,8 +178,12 @@ class EngineServer:
 
     def close(self) -> None:
         for proc in self.engines.values():
-            if proc.popen.poll() is None and proc.identity is not None:
+            if proc.popen.poll() is not None:
+                continue
+            if proc.identity is not None:
                 self._send_frames(self.workers, [proc.identity], StopWorker())
+            else:  # still starting: it cannot hear StopWorker yet
+                proc.popen.terminate()
         deadline = time.monotonic() + 5
         for proc in self.engines.values():
             proc.state = "stopped"
