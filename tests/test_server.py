@@ -202,15 +202,22 @@ def test_a_call_on_a_failed_variable_fails_at_once(connected) -> None:
 # ---------------------------------------------------------------- crashes lose nothing
 
 
+def _running_request(max_tokens: int):
+    """A long request that is running on an engine when this returns."""
+    slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=max_tokens, ignore_eos=True)
+    out = slow()
+    out.activate()
+    deadline = time.monotonic() + 60
+    while out.state != "running":
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    return out
+
+
 def test_a_killed_engine_worker_is_restarted_and_its_request_still_completes(server_process) -> None:
     parrot_nb.connect(server_process.connection_file)
     try:
-        slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=400, ignore_eos=True)
-        out = slow()
-        out.activate()
-        deadline = time.monotonic() + 60
-        while out.state != "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        out = _running_request(400)
         engine_pid = parrot_nb.status().engines[0].pid
         os.kill(engine_pid, signal.SIGKILL)
         text = out.get(timeout=180)
@@ -228,11 +235,7 @@ def test_a_killed_engine_worker_is_restarted_and_its_request_still_completes(ser
 def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process) -> None:
     parrot_nb.connect(server_process.connection_file)
     try:
-        slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=2000, ignore_eos=True)
-        out = slow()
-        out.activate()
-        while out.state != "running":
-            time.sleep(0.05)
+        out = _running_request(2000)
         server_process.proc.kill()
         server_process.proc.wait()
         with pytest.raises(SemanticVariableError, match="engine server .* has exited"):
@@ -244,11 +247,7 @@ def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process
 def test_engine_workers_die_with_a_killed_server_even_mid_request(server_process) -> None:
     parrot_nb.connect(server_process.connection_file)
     try:
-        slow = SemanticFunction.from_template("slow", "Go: {{output:o}}", max_tokens=2000, ignore_eos=True)
-        out = slow()
-        out.activate()
-        while out.state != "running":
-            time.sleep(0.05)
+        out = _running_request(2000)
         engine_pid = parrot_nb.status().engines[0].pid
         server_process.proc.kill()
         server_process.proc.wait()
