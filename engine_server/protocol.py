@@ -355,6 +355,15 @@ class WorkerHello(Message):
 
 
 @dataclass
+class WorkerStartFailed(Message):
+    """The worker could not load its model or device; it exits after sending this."""
+
+    engine_id: int
+    pid: int
+    error: str
+
+
+@dataclass
 class RunRequest(Message):
     request_id: str
     segments: list[SegmentSpec]

@@ -53,11 +53,13 @@ from engine_server.protocol import (
     StopWorker,
     SubmitCall,
     SyncEvents,
+    VarState,
     Welcome,
     WorkerDelta,
     WorkerDone,
     WorkerFailed,
     WorkerHello,
+    WorkerStartFailed,
     decode,
     encode,
     new_id,
@@ -93,6 +95,7 @@ class EngineProcess:
     identity: bytes | None = None
     state: str = "starting"  # starting | ready | dead | stopped
     restarts: list[float] = field(default_factory=list)
+    detail: str = ""  # why it is dead, once it is
 
 
 class EngineServer:
@@ -278,7 +281,10 @@ class EngineServer:
     def _on_activate(self, msg: Activate) -> Message:
         if msg.var_id not in self.graph.variables:
             raise GraphError(f"unknown variable {msg.var_id!r}: it was never submitted to this server")
-        return self.executor.activate(msg.var_id, msg.perf)
+        self.executor.activate(msg.var_id, msg.perf)
+        self._fail_if_no_engine_left()
+        var = self.graph.variables[msg.var_id]
+        return VarState(var.id, var.state, var.value, var.error)
 
     def _on_status(self, msg: Status) -> Message:
         engines = [
@@ -344,6 +350,19 @@ class EngineServer:
             self._send_frames(self.workers, [identity], Ack())
             self.executor.pump()
             return
+        if isinstance(msg, WorkerStartFailed):
+            proc = self.engines.get(msg.engine_id)
+            if proc is not None and proc.state != "dead":
+                # Restarting would fail the same way: the engine stays down, and says why. If the
+                # exit was seen first and a new worker already started, that one goes too.
+                if proc.popen.poll() is None and proc.popen.pid != msg.pid:
+                    proc.popen.terminate()
+                proc.state, proc.detail = "dead", f"engine {msg.engine_id} could not start: {msg.error}"
+                self.scheduler.engines[msg.engine_id].alive = False
+                log.error("%s", proc.detail)
+                self.publish(EngineChanged(msg.engine_id, "dead", proc.detail, time.time()))
+                self._fail_if_no_engine_left()
+            return
         engine_id = next((p.engine_id for p in self.engines.values() if p.identity == identity), None)
         if engine_id is None:
             log.error("message from an unregistered engine worker: %s", msg.TYPE)
@@ -365,8 +384,8 @@ class EngineServer:
             now = time.monotonic()
             proc.restarts = [t for t in proc.restarts if now - t < RESTART_WINDOW_S] + [now]
             if len(proc.restarts) > MAX_RESTARTS:
-                proc.state = "dead"
-                self.publish(EngineChanged(proc.engine_id, "dead", f"{reason}; not restarted (crashed too often)", time.time()))
+                proc.state, proc.detail = "dead", f"{reason}; not restarted (crashed too often)"
+                self.publish(EngineChanged(proc.engine_id, "dead", proc.detail, time.time()))
                 self._fail_if_no_engine_left()
                 continue
             proc.popen, proc.state = self._spawn_engine(proc.engine_id), "starting"
@@ -374,4 +393,5 @@ class EngineServer:
 
     def _fail_if_no_engine_left(self) -> None:
         if all(p.state == "dead" for p in self.engines.values()):
-            self.executor.fail_queued("every engine worker has died; see the server log, then restart the server")
+            reasons = "; ".join(sorted({p.detail for p in self.engines.values() if p.detail})) or "see the server log"
+            self.executor.fail_queued(f"no engine can run requests ({reasons}); fix that, then restart the server")

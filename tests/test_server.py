@@ -275,3 +275,21 @@ def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_proce
     while _alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(engine_pid)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_engine_that_cannot_start_fails_requests_with_its_reason(tmp_path) -> None:
+    from conftest import ServerProcess
+
+    server = ServerProcess(tmp_path, "--device", "cuda")
+    parrot_nb.connect(server.connection_file)
+    try:
+        fn = SemanticFunction.from_template("f", "X: {{output:o max_tokens=2}}")
+        with pytest.raises(SemanticVariableError, match="engine 0 could not start: RuntimeError: --device cuda, but torch"):
+            fn().get(timeout=120)
+        assert parrot_nb.status().engines[0].state == "dead"
+        restarts = [e for e in server.events() if e["type"] == "EngineChanged" and e["state"] == "restarting"]
+        assert restarts == []  # it would fail the same way again
+    finally:
+        parrot_nb.disconnect()
+        server.stop()

@@ -34,6 +34,7 @@ from engine_server.protocol import (
     WorkerDone,
     WorkerFailed,
     WorkerHello,
+    WorkerStartFailed,
     decode,
     encode,
 )
@@ -61,11 +62,23 @@ def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSeg
     return out
 
 
+def build_runner(model: str, device: str) -> ProgramRunner:
+    """The model on its device, ready to run programs; raises with a reason when it cannot be."""
+    if model != "tiny":
+        raise ValueError(f"model {model!r}: this version serves only the embedded 'tiny' model")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device cuda, but torch {torch.__version__} sees no CUDA device "
+            f"(built with CUDA: {torch.version.cuda or 'no'}); use --device cpu"
+        )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return ProgramRunner(build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer(), device)
+
+
 class Worker:
     def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes) -> None:
         self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.runner = ProgramRunner(build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer(), device)
+        self.runner: ProgramRunner | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -75,7 +88,18 @@ class Worker:
     def send(self, msg) -> None:
         self.sock.send_multipart(encode(msg, self.key))
 
+    def load(self) -> bool:
+        """Build the model; on failure tell the server why (it will not restart us) and return False."""
+        try:
+            self.runner = build_runner(self.model_name, self.device)
+        except Exception as exc:
+            log.error("engine %d could not start:\n%s", self.engine_id, traceback.format_exc())
+            self.send(WorkerStartFailed(self.engine_id, os.getpid(), f"{type(exc).__name__}: {exc}"))
+            return False
+        return True
+
     def run(self) -> None:
+        assert self.runner is not None, "load() first"
         self.send(WorkerHello(self.engine_id, os.getpid(), self.model_name, self.device))
         while True:
             if not self.sock.poll(1000):
@@ -98,6 +122,7 @@ class Worker:
             self.send(WorkerDelta(req.request_id, var_id, text))
 
         try:
+            assert self.runner is not None
             result = self.runner.run(to_runner_segments(req.segments), on_delta=on_delta)
         except Exception as exc:  # report the failure for this request; the worker stays up
             log.error("engine %d: request %s failed:\n%s", self.engine_id, req.request_id, traceback.format_exc())
@@ -145,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     worker = Worker(args.endpoint, args.engine_id, args.model, args.device, os.environ.get("PARROT_NB_KEY", "").encode())
     try:
+        if not worker.load():
+            return 1
         worker.run()
     finally:
         worker.close()
