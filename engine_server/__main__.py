@@ -14,12 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parrot-nb serve",
         description="Run the parrot-nb engine server in the foreground: a ZMQ front for notebooks and "
-        "engine worker processes behind it. It writes a connection file that `%%parrot connect` reads.",
+        "engine worker processes behind it. It writes a connection file that `%parrot connect` reads.",
     )
     parser.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (the seeded tiny Llama built in code; the default) or a local Hugging Face model directory",
+        help="the model to serve: 'tiny', the seeded tiny Llama built in code (the only one this version serves)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where engines run (default: cpu)")
     parser.add_argument("--engines", type=int, default=1, help="number of engine worker processes (default: 1)")

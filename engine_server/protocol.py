@@ -168,11 +168,6 @@ class OpenApp(Message):
 
 
 @dataclass
-class CloseApp(Message):
-    app_id: str
-
-
-@dataclass
 class SubmitCall(Message):
     """One call of a semantic function: a request node of the app's DAG.
 
@@ -435,6 +430,16 @@ def encode(msg: Message, key: bytes, *, msg_id: str | None = None, ref: str | No
         use_bin_type=True,
     )
     return [sign(key, payload), payload]
+
+
+def peek_id(frames: list[bytes]) -> str | None:
+    """The message id of frames that may not decode, so a refusal can still name its request."""
+    try:
+        raw = msgpack.unpackb(frames[-1], raw=False)
+    except Exception:
+        return None
+    msg_id = raw.get("id") if isinstance(raw, dict) else None
+    return msg_id if isinstance(msg_id, str) else None
 
 
 def decode(frames: list[bytes], key: bytes) -> Envelope:

@@ -33,11 +33,11 @@ from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
     CONNECTION_PREFIX,
+    PROTOCOL_VERSION,
     Ack,
     Activate,
     AppInfo,
     AppOpened,
-    CloseApp,
     ConnectionInfo,
     EngineChanged,
     EngineInfo,
@@ -63,6 +63,7 @@ from engine_server.protocol import (
     decode,
     encode,
     new_id,
+    peek_id,
     runtime_dir,
     to_dict,
 )
@@ -83,7 +84,7 @@ class ServerConfig:
     port: int | None = None  # requests on port, events on port + 1; random when None
     connection_file: Path | None = None
     event_log: Path | None = None
-    engine_capacity: int = 2  # requests handed to one engine at a time
+    engine_capacity: int = 1  # requests handed to one engine at a time (it runs them one by one)
 
 
 @dataclass
@@ -121,7 +122,6 @@ class EngineServer:
             Hello: self._on_hello,
             SyncEvents: self._on_sync,
             OpenApp: self._on_open_app,
-            CloseApp: self._on_close_app,
             SubmitCall: self._on_submit,
             Activate: self._on_activate,
             Status: self._on_status,
@@ -173,7 +173,10 @@ class EngineServer:
                     self._drain(self.workers, self._on_worker_frames)
                 if self.requests in ready:
                     self._drain(self.requests, self._on_client_frames)
-                self._supervise_engines()
+                try:
+                    self._supervise_engines()
+                except Exception:  # a bug here must not take every notebook's server down
+                    log.exception("error supervising engines")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -213,7 +216,10 @@ class EngineServer:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            try:
+                handle(frames)
+            except Exception:  # client handlers reply with their own errors; this is the last guard
+                log.exception("error handling a message")
 
     def _send_frames(self, sock: zmq.Socket, prefix: list[bytes], msg: Message, ref: str | None = None) -> None:
         sock.send_multipart(prefix + encode(msg, self.key, ref=ref))
@@ -242,7 +248,8 @@ class EngineServer:
             env = decode(rest, self.key)
         except ProtocolError as exc:
             log.warning("malformed request: %s", exc)
-            self._send_frames(self.requests, [identity], ErrorReply("malformed", f"malformed request: {exc}"))
+            reply = ErrorReply("malformed", f"malformed request: {exc}")
+            self._send_frames(self.requests, [identity], reply, ref=peek_id(rest) if rest else None)
             return
         self._log("in", env.msg)
         handler = self._handlers.get(type(env.msg))
@@ -259,7 +266,7 @@ class EngineServer:
         self._send_frames(self.requests, [identity], reply, ref=env.id)
 
     def _on_hello(self, msg: Hello) -> Message:
-        return Welcome(new_id(), __version__, 1, self.config.model, len(self.engines))
+        return Welcome(new_id(), __version__, PROTOCOL_VERSION, self.config.model, len(self.engines))
 
     def _on_sync(self, msg: SyncEvents) -> Message:
         self.publish(EventsSynced(msg.token))
@@ -268,11 +275,6 @@ class EngineServer:
     def _on_open_app(self, msg: OpenApp) -> Message:
         app = self.graph.open_app(new_id(), msg.name)
         return AppOpened(app.id, app.name)
-
-    def _on_close_app(self, msg: CloseApp) -> Message:
-        if msg.app_id not in self.graph.apps:
-            raise GraphError(f"unknown application {msg.app_id!r}")
-        return Ack()
 
     def _on_submit(self, msg: SubmitCall) -> Message:
         self.executor.submit(msg)
@@ -329,7 +331,7 @@ class EngineServer:
             "--device", self.config.device,
         ]  # fmt: skip
         # The key travels in the environment, not argv, so `ps` does not show it.
-        env = {**os.environ, "PARROT_NB_KEY": self.key.decode()}
+        env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
         return subprocess.Popen(cmd, env=env)
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
@@ -376,6 +378,9 @@ class EngineServer:
         for proc in self.engines.values():
             if proc.state in ("dead", "stopped") or proc.popen.poll() is None:
                 continue
+            # Results it sent just before exiting may still be unread: take them first, so a
+            # finished request is not run again.
+            self._drain(self.workers, self._on_worker_frames)
             code = proc.popen.returncode
             reason = f"engine worker process {proc.popen.pid} exited with code {code}"
             log.error("%s", reason)

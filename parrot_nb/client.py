@@ -68,8 +68,10 @@ class Client:
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._pending: dict[str, Future[Message]] = {}
+        # Written by user threads (track), read by the I/O thread: guarded by _vars_lock.
         self._variables: weakref.WeakValueDictionary[str, SemanticVariable] = weakref.WeakValueDictionary()
         self._request_vars: dict[str, list[str]] = {}
+        self._vars_lock = threading.Lock()
         self._listeners: list[EventListener] = []
         self._apps: dict[str, str] = {}
         self._apps_lock = threading.Lock()
@@ -100,7 +102,11 @@ class Client:
             fut.set_exception(ConnectionError("this connection to the engine server is closed"))
             return fut
         self._outbox.put((msg, fut))
-        self._wake_send.send(b"\0")
+        try:
+            self._wake_send.send(b"\0")
+        except OSError:  # closed between the check above and now; the I/O thread fails what it left
+            if not fut.done():
+                fut.set_exception(ConnectionError("this connection to the engine server is closed"))
         return fut
 
     def call(self, msg: Message, timeout: float | None = 10.0) -> Message:
@@ -129,9 +135,10 @@ class Client:
 
     def track(self, request_id: str, variables: list[SemanticVariable]) -> None:
         """Route events about these variables (outputs of ``request_id``) to them."""
-        for v in variables:
-            self._variables[v.id] = v
-        self._request_vars[request_id] = [v.id for v in variables]
+        with self._vars_lock:
+            for v in variables:
+                self._variables[v.id] = v
+            self._request_vars[request_id] = [v.id for v in variables]
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
         """Call ``listener(event)`` on the I/O thread for every event; returns a function that removes it."""
@@ -157,7 +164,10 @@ class Client:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._wake_send.send(b"\0")
+        try:
+            self._wake_send.send(b"\0")
+        except OSError:
+            pass  # the I/O thread has already ended
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
@@ -181,6 +191,7 @@ class Client:
         poller.register(sub, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         last_liveness = time.monotonic()
+        failure = "the connection to the engine server was closed before this finished; call it again once connected"
         try:
             while not self._closed.is_set():
                 ready = dict(poller.poll(500))
@@ -206,16 +217,16 @@ class Client:
                 if time.monotonic() - last_liveness > 1.0:
                     last_liveness = time.monotonic()
                     self._check_server_alive()
+        except Exception as exc:  # a bug in this thread must not leave callers waiting forever
+            failure = f"the client's I/O thread failed ({exc!r}); reconnect with `%parrot connect`"
         finally:
+            self._closed.set()
             dealer.close()
             sub.close()
             self._ctx.term()
             self._wake_recv.close()
             self._wake_send.close()
-            error = ConnectionError("the connection to the engine server was closed")
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(error)
+            self._fail_everything(self.gone or failure)
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
@@ -245,12 +256,14 @@ class Client:
             if marker is not None:
                 marker.set()
         elif isinstance(event, (VarReady, VarFailed, TokenDelta)):
-            var = self._variables.get(event.var_id)
+            with self._vars_lock:
+                var = self._variables.get(event.var_id)
             if var is not None:
                 var._on_event(event)
         elif isinstance(event, RequestDispatched):
-            for var_id in self._request_vars.get(event.request_id, ()):
-                var = self._variables.get(var_id)
+            with self._vars_lock:
+                targets = [self._variables.get(v) for v in self._request_vars.get(event.request_id, ())]
+            for var in targets:
                 if var is not None:
                     var._on_event(event)
         for listener in list(self._listeners):
@@ -260,16 +273,27 @@ class Client:
                 pass
 
     def _check_server_alive(self) -> None:
-        if self.gone is not None or not _pid_alive(self.info.pid):
-            if self.gone is None:
-                self.gone = f"the engine server (pid {self.info.pid}) has exited; start it again with `%parrot start`"
-                error = ServerGoneError(self.gone)
-                for fut in self._pending.values():
-                    if not fut.done():
-                        fut.set_exception(error)
-                self._pending.clear()
-                for var in list(self._variables.values()):
-                    var._on_server_gone(self.gone)
+        if self.gone is None and not _pid_alive(self.info.pid):
+            self.gone = f"the engine server (pid {self.info.pid}) has exited; start it again with `%parrot start`"
+            self._fail_everything(self.gone)
+
+    def _fail_everything(self, reason: str) -> None:
+        """Fail every reply and variable still waiting: nothing will ever resolve them now."""
+        error = ServerGoneError(reason) if self.gone else ConnectionError(reason)
+        waiting = list(self._pending.values())
+        self._pending.clear()
+        while True:
+            try:
+                waiting.append(self._outbox.get_nowait()[1])
+            except queue.Empty:
+                break
+        for fut in waiting:
+            if fut is not None and not fut.done():
+                fut.set_exception(error)
+        with self._vars_lock:
+            variables = list(self._variables.values())
+        for var in variables:
+            var._on_connection_lost(reason)
 
 
 def _pid_alive(pid: int) -> bool:

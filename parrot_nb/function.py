@@ -8,7 +8,7 @@ from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
 
-from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, SamplingSpec, SubmitCall, new_id
+from engine_server.protocol import ChunkSpec, ErrorReply, FunctionSpec, InputValue, SamplingSpec, SubmitCall, new_id
 from parrot_nb import session
 from parrot_nb.app import current_app_name
 from parrot_nb.template import InputChunk, OutputChunk, ParsedTemplate, TextChunk, parse_template, validate_options
@@ -100,12 +100,12 @@ class SemanticFunction:
             try:
                 reply = fut.result()
             except Exception as exc:
-                error = str(exc)
+                error: str | None = f"the call could not be sent: {exc}"
             else:
-                error = getattr(reply, "message", None)
+                error = f"the server refused the call: {reply.message}" if isinstance(reply, ErrorReply) else None
             if error is not None:
                 for v in variables:
-                    v._fail(f"the server refused the call: {error}")
+                    v._fail(error)
                     v._notify()
 
         client.request(call).add_done_callback(on_reply)

@@ -14,7 +14,7 @@ from parrot_nb.function import SemanticFunction
 from parrot_nb.template import TemplateError
 
 PARROT_USAGE = """\
-%parrot start [--model tiny|PATH] [--device cpu|cuda] [--port P] [--engines N]
+%parrot start [--model tiny] [--device cpu|cuda] [--port P] [--engines N]
                           start an engine server in the background and connect
 %parrot connect [CONNECTION_FILE]
                           attach to a running server (default: the newest one)
@@ -103,9 +103,11 @@ class ParrotMagics(Magics):
         parser.add_argument("--port", type=int, default=None)
         parser.add_argument("--engines", type=int, default=1)
         try:
-            args = parser.parse_args(words)
-        except (argparse.ArgumentError, SystemExit) as exc:
-            raise ValueError(f"{exc}\n{PARROT_USAGE}") from None
+            args, unknown = parser.parse_known_args(words)
+        except argparse.ArgumentError as exc:
+            raise ValueError(f"%parrot start: {exc}\n{PARROT_USAGE}") from None
+        if unknown:
+            raise ValueError(f"%parrot start: unknown argument(s) {' '.join(unknown)}\n{PARROT_USAGE}")
         client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines)
         print(
             f"engine server started (pid {client.info.pid}, model {args.model}, device {args.device}, "

@@ -39,7 +39,10 @@ _log_file: Path | None = None
 
 
 def current_client() -> Client | None:
-    return _client if _client is not None and not _client.closed else None
+    """The connected client, or None (also when its server has exited)."""
+    if _client is None or _client.closed or _client.gone is not None:
+        return None
+    return _client
 
 
 def require_client() -> Client:

@@ -158,7 +158,9 @@ class SemanticVariable:
             self._resolve(event.value)
         elif isinstance(event, VarFailed):
             self._fail(event.error)
-        elif isinstance(event, RequestDispatched) and self._state == "pending":
+        elif isinstance(event, RequestDispatched) and not self._future.done():
+            # A new attempt (after an engine crash) streams from the start again.
+            self._parts = []
             self._state = "running"
         self._notify()
 
@@ -176,7 +178,7 @@ class SemanticVariable:
                 self._fail(reply.error or "failed")
         self._notify()
 
-    def _on_server_gone(self, reason: str) -> None:
+    def _on_connection_lost(self, reason: str) -> None:
         self._fail(reason)
         self._notify()
 

@@ -141,3 +141,23 @@ def test_displaying_a_variable_streams_it_to_its_final_text(connected, ipython_s
     assert v.state == "done"
     assert captured.outputs[0].data["text/plain"]  # the first display (pending) ...
     assert v._repr_mimebundle_()["text/plain"] == v.get()  # ... updated in place to the value
+
+
+def test_a_retried_request_streams_from_the_start_again() -> None:
+    from engine_server.protocol import RequestDispatched, TokenDelta
+
+    v = SemanticVariable(None, "app", "v1", "o", "f")  # type: ignore[arg-type]
+    v._on_event(RequestDispatched("app", "r", 0, 0.0))
+    v._on_event(TokenDelta("app", "v1", "first attempt "))
+    v._on_event(RequestDispatched("app", "r", 0, 1.0))  # the engine died; the request runs again
+    v._on_event(TokenDelta("app", "v1", "second"))
+    assert v.partial == "second"
+
+
+def test_disconnecting_fails_running_variables_instead_of_leaving_them_waiting(connected) -> None:
+    fn = SemanticFunction.from_template("cut", "Cut: {{output:o max_tokens=1500 ignore_eos=true}}")
+    v = fn()
+    v.activate()
+    parrot_nb.disconnect()
+    with pytest.raises(parrot_nb.SemanticVariableError, match="connection to the engine server was closed"):
+        v.get(timeout=30)

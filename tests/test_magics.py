@@ -324,6 +324,12 @@ def test_parrot_start_with_bad_option_raises_value_error_with_usage(ip):
     assert session._server is None and session.current_client() is None
 
 
+def test_parrot_start_with_an_unknown_argument_names_it(ip):
+    with pytest.raises(ValueError, match="unknown argument\\(s\\) --bogus"):
+        ip.run_line_magic("parrot", "start --bogus")
+    assert session.current_client() is None
+
+
 def test_parrot_connect_file_attaches_to_the_server(ip, shared_server, capsys):
     ip.run_line_magic("parrot", f"connect {shared_server.connection_file}")
     client = session.current_client()

@@ -25,6 +25,7 @@ from engine_server.protocol import (
     decode,
     encode,
     new_id,
+    sign,
 )
 from parrot_nb.client import ServerError
 from parrot_nb.function import SemanticFunction
@@ -65,6 +66,16 @@ def test_garbage_frames_get_an_error_reply_and_the_server_stays_up(shared_server
     reply = _error(shared_server, [b"not", b"a", b"message"])
     assert reply.code == "malformed" and "expected 2 frames" in reply.message
     assert _server_alive(shared_server)
+
+
+def test_a_refusal_of_an_undecodable_request_still_names_its_id(shared_server) -> None:
+    import msgpack
+
+    payload = msgpack.packb({"v": 999, "type": "Status", "id": "req-42", "body": {}})
+    key = shared_server.info.key_bytes
+    env = decode(_raw_request(shared_server, [sign(key, payload), payload]), key)
+    assert isinstance(env.msg, ErrorReply) and "version 999" in env.msg.message
+    assert env.ref == "req-42"
 
 
 def test_message_signed_with_the_wrong_key_is_refused(shared_server) -> None:
@@ -240,6 +251,9 @@ def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process
         server_process.proc.wait()
         with pytest.raises(SemanticVariableError, match="engine server .* has exited"):
             out.get(timeout=60)
+        assert parrot_nb.session.current_client() is None  # so `%parrot start` may start a new one
+        with pytest.raises(parrot_nb.NotConnectedError):
+            SemanticFunction.from_template("after", "{{output:o}}")()
     finally:
         parrot_nb.disconnect()
 

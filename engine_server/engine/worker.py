@@ -3,27 +3,24 @@
 Started by the server (``python -m engine_server.engine.worker``), it connects a
 DEALER to the server's ``workers`` ROUTER, says ``WorkerHello`` and then runs
 ``RunRequest`` programs one after another, streaming ``WorkerDelta`` messages
-and ending each with ``WorkerDone`` or ``WorkerFailed``. A crash here loses no
-work: the server notices the exit and gives the request to a fresh worker.
+and ending each with ``WorkerDone`` or ``WorkerFailed``. If it crashes, the
+server notices the exit and runs its request again on a fresh worker (up to
+the executor's ``MAX_ATTEMPTS`` in all).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import ctypes
+import logging
 import os
 import signal
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
-import torch
 import zmq
 
-from engine_server.engine.model import build_tiny_model
-from engine_server.engine.runner import GenSegment, ProgramRunner, TextSegment
-from engine_server.engine.sampler import SamplingParams
-from engine_server.engine.tokenizer import ByteTokenizer
 from engine_server.protocol import (
     ProtocolError,
     RunRequest,
@@ -39,10 +36,19 @@ from engine_server.protocol import (
     encode,
 )
 
+if TYPE_CHECKING:
+    from engine_server.engine.runner import GenSegment, ProgramRunner, TextSegment
+
+# torch and the model code are imported inside the functions below, so that main() can
+# tie this process to its server before spending seconds on those imports.
+
 log = logging.getLogger("engine_server.worker")
 
 
 def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSegment]:
+    from engine_server.engine.runner import GenSegment, TextSegment
+    from engine_server.engine.sampler import SamplingParams
+
     out: list[TextSegment | GenSegment] = []
     for seg in segments:
         if seg.kind == "text":
@@ -64,6 +70,12 @@ def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSeg
 
 def build_runner(model: str, device: str) -> ProgramRunner:
     """The model on its device, ready to run programs; raises with a reason when it cannot be."""
+    import torch
+
+    from engine_server.engine.model import build_tiny_model
+    from engine_server.engine.runner import ProgramRunner
+    from engine_server.engine.tokenizer import ByteTokenizer
+
     if model != "tiny":
         raise ValueError(f"model {model!r}: this version serves only the embedded 'tiny' model")
     if device == "cuda" and not torch.cuda.is_available():
@@ -76,14 +88,14 @@ def build_runner(model: str, device: str) -> ProgramRunner:
 
 
 class Worker:
-    def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes) -> None:
+    def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes, server_pid: int) -> None:
         self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
+        self.server_pid = server_pid
         self.runner: ProgramRunner | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(endpoint)
-        self.parent = os.getppid()
 
     def send(self, msg) -> None:
         self.sock.send_multipart(encode(msg, self.key))
@@ -103,7 +115,7 @@ class Worker:
         self.send(WorkerHello(self.engine_id, os.getpid(), self.model_name, self.device))
         while True:
             if not self.sock.poll(1000):
-                if os.getppid() != self.parent:  # the server died without stopping us
+                if os.getppid() != self.server_pid:  # the server died without stopping us
                     log.error("engine %d: server process is gone; exiting", self.engine_id)
                     return
                 continue
@@ -158,7 +170,11 @@ def die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    parent = os.getppid()
+    # The server's pid comes from the server itself: if it died before prctl took effect,
+    # getppid() already names another process, and comparing with it would prove nothing.
+    server_pid = int(os.environ.get("PARROT_NB_SERVER_PID", os.getppid()))
+    if os.getppid() != server_pid:
+        return 1
     parser = argparse.ArgumentParser(prog="python -m engine_server.engine.worker")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--engine-id", type=int, required=True)
@@ -166,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if os.getppid() != parent:  # the server died before prctl took effect
-        return 1
-    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, os.environ.get("PARROT_NB_KEY", "").encode())
+    key = os.environ.get("PARROT_NB_KEY", "").encode()
+    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid)
     try:
         if not worker.load():
             return 1

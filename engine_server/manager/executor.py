@@ -64,6 +64,8 @@ class Executor:
             for node in criteria.activate(self.graph, var_id, perf):
                 if node.state == "waiting" and self.graph.is_ready(node):
                     self._enqueue(node)
+                elif node.state == "queued":
+                    self.scheduler.push(node)  # its criterion was upgraded: re-queue at the new priority
             self.pump()
         return VarState(var.id, var.state, var.value, var.error)
 
@@ -111,9 +113,6 @@ class Executor:
         """Dispatch queued requests to engines with room."""
         for request_id, engine_id in self.scheduler.pop_assignments():
             node = self.graph.requests[request_id]
-            if node.state != "queued":  # failed while it waited in the queue
-                self.scheduler.engines[engine_id].running.discard(request_id)
-                continue
             node.state = "running"
             node.engine_id = engine_id
             node.attempts += 1
@@ -171,6 +170,7 @@ class Executor:
             node, error = stack.pop()
             if node.state in ("done", "failed"):
                 continue
+            self.scheduler.discard(node.id)
             node.state = "failed"
             self.publish(RequestFailed(node.app_id, node.id, error, time.time()))
             for var_id in node.outputs.values():
