@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import inspect
+from functools import cached_property
 from collections import namedtuple
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,9 @@ class SemanticFunction:
             options["stop"] = list(options["stop"])
         return SamplingSpec(**options)
 
+    @cached_property
     def spec(self) -> FunctionSpec:
+        """The function as the server sees it (built once: a function does not change after definition)."""
         chunks = []
         for c in self.parsed.chunks:
             if isinstance(c, TextChunk):
@@ -93,7 +96,7 @@ class SemanticFunction:
         request_id = new_id()
         variables = [SemanticVariable(client, app_id, new_id(), out, self.name) for out in self.outputs]
         client.track(request_id, variables)
-        call = SubmitCall(app_id, request_id, self.spec(), inputs, {v.name: v.id for v in variables})
+        call = SubmitCall(app_id, request_id, self.spec, inputs, {v.name: v.id for v in variables})
 
         def on_reply(fut: Any) -> None:
             # The call returned already; a refusal reaches the user through its variables.

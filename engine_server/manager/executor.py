@@ -73,7 +73,7 @@ class Executor:
 
     def on_worker_message(self, engine_id: int, msg: Message) -> None:
         request_id = getattr(msg, "request_id", None)
-        node = self.graph.requests.get(request_id) if request_id else None
+        node = self.graph.requests[request_id] if request_id in self.graph.requests else None
         if node is None or node.state != "running" or node.engine_id != engine_id:
             return  # a late message about a request that was failed or moved elsewhere
         if isinstance(msg, WorkerDelta):
