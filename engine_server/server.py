@@ -53,7 +53,6 @@ from engine_server.protocol import (
     StopWorker,
     SubmitCall,
     SyncEvents,
-    VarState,
     Welcome,
     WorkerDelta,
     WorkerDone,
@@ -285,8 +284,7 @@ class EngineServer:
             raise GraphError(f"unknown variable {msg.var_id!r}: it was never submitted to this server")
         self.executor.activate(msg.var_id, msg.perf)
         self._fail_if_no_engine_left()
-        var = self.graph.variables[msg.var_id]
-        return VarState(var.id, var.state, var.value, var.error)
+        return self.executor.var_state(msg.var_id)
 
     def _on_status(self, msg: Status) -> Message:
         engines = [

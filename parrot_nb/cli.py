@@ -25,12 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from parrot_nb import session
-    from parrot_nb.magics import _format_status
 
     try:
         session.connect(args.connection_file)
         if args.command == "status":
-            print(_format_status(session.status()))
+            print(session.format_status(session.status()))
         else:
             session.stop()
             print("engine server stopped")

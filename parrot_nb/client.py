@@ -293,7 +293,7 @@ class Client:
         with self._vars_lock:
             variables = list(self._variables.values())
         for var in variables:
-            var._on_connection_lost(reason)
+            var._fail(reason)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -109,7 +109,6 @@ class SemanticFunction:
             if error is not None:
                 for v in variables:
                     v._fail(error)
-                    v._notify()
 
         client.request(call).add_done_callback(on_reply)
         if self._result_type is None:

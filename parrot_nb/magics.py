@@ -83,7 +83,7 @@ class ParrotMagics(Magics):
             print(f"connected to the engine server (pid {client.info.pid}, model {client.info.model}) at {client.info.requests}")
             return None
         if command == "status":
-            return _format_status(session.status())
+            return _Status(session.format_status(session.status()))
         if command == "stop":
             session.stop()
             print("engine server stopped")
@@ -123,16 +123,6 @@ class _Status:
 
     def __repr__(self) -> str:
         return self.text
-
-
-def _format_status(st: Any) -> _Status:
-    lines = [f"engine server {st.server_version}, pid {st.pid}, up {st.uptime_s:.0f} s, model {st.model} on {st.device}"]
-    for e in st.engines:
-        lines.append(f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}, finished {e.finished}")
-    for a in st.apps:
-        lines.append(f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed")
-    lines.append(f"  queued: {st.queued}")
-    return _Status("\n".join(lines))
 
 
 def _split(line: str) -> list[str]:

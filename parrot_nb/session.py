@@ -131,6 +131,17 @@ def status(timeout: float = 10.0) -> ServerStatus:
     return reply
 
 
+def format_status(st: ServerStatus) -> str:
+    """A server's status as the lines `%parrot status` and `parrot-nb status` print."""
+    lines = [f"engine server {st.server_version}, pid {st.pid}, up {st.uptime_s:.0f} s, model {st.model} on {st.device}"]
+    for e in st.engines:
+        lines.append(f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}, finished {e.finished}")
+    for a in st.apps:
+        lines.append(f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed")
+    lines.append(f"  queued: {st.queued}")
+    return "\n".join(lines)
+
+
 def stop(timeout: float = 15.0) -> None:
     """Stop the connected server and disconnect."""
     global _client, _server

@@ -162,7 +162,7 @@ class SemanticVariable:
             # A new attempt (after an engine crash) streams from the start again.
             self._parts = []
             self._state = "running"
-        self._notify()
+        self._notify()  # streamed text changed
 
     def _on_activated(self, fut: Future[Message]) -> None:
         try:
@@ -176,22 +176,19 @@ class SemanticVariable:
                 self._resolve(reply.value)
             elif isinstance(reply, VarState) and reply.state == "failed":
                 self._fail(reply.error or "failed")
-        self._notify()
-
-    def _on_connection_lost(self, reason: str) -> None:
-        self._fail(reason)
-        self._notify()
 
     def _resolve(self, value: str) -> None:
         if not self._future.done():
             self._parts = [value]
             self._state = "done"
             self._future.set_result(value)
+        self._notify()
 
     def _fail(self, error: str) -> None:
         if not self._future.done():
             self._state = "failed"
             self._future.set_exception(SemanticVariableError(f"{self._label()}: {error}"))
+        self._notify()
 
     def _notify(self) -> None:
         with self._changed:

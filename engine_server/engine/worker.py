@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -49,23 +50,13 @@ def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSeg
     from engine_server.engine.runner import GenSegment, TextSegment
     from engine_server.engine.sampler import SamplingParams
 
-    out: list[TextSegment | GenSegment] = []
-    for seg in segments:
-        if seg.kind == "text":
-            out.append(TextSegment(seg.text))
-        else:
-            s = seg.sampling or SamplingSpec()
-            params = SamplingParams(
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                stop=tuple(s.stop),
-                seed=s.seed,
-                ignore_eos=s.ignore_eos,
-            )
-            out.append(GenSegment(seg.var_id, params))
-    return out
+    # SamplingSpec (the wire form) and SamplingParams (the engine's) share their field names.
+    return [
+        TextSegment(seg.text)
+        if seg.kind == "text"
+        else GenSegment(seg.var_id, SamplingParams(**dataclasses.asdict(seg.sampling or SamplingSpec())))
+        for seg in segments
+    ]
 
 
 def build_runner(model: str, device: str) -> ProgramRunner:

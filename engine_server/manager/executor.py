@@ -57,16 +57,18 @@ class Executor:
             self._fail(node, f"input variable {failed_inputs[0].name!r} failed: {failed_inputs[0].error}")
         return node
 
-    def activate(self, var_id: str, perf: Perf) -> VarState:
+    def activate(self, var_id: str, perf: Perf) -> None:
         """Request a variable: activate its producers and queue those that are ready."""
-        var = self.graph.variables[var_id]
-        if var.state in ("pending", "running"):
+        if self.graph.variables[var_id].state in ("pending", "running"):
             for node in criteria.activate(self.graph, var_id, perf):
                 if node.state == "waiting" and self.graph.is_ready(node):
                     self._enqueue(node)
                 elif node.state == "queued":
                     self.scheduler.push(node)  # its criterion was upgraded: re-queue at the new priority
             self.pump()
+
+    def var_state(self, var_id: str) -> VarState:
+        var = self.graph.variables[var_id]
         return VarState(var.id, var.state, var.value, var.error)
 
     # ----------------------------------------------------------------- engines
