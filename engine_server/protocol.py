@@ -119,6 +119,10 @@ class SegmentSpec:
     text: str = ""
     var_id: str = ""
     sampling: SamplingSpec | None = None
+    # Context key of the prompt up to and including this text segment (a hash chain
+    # computed by the manager at variable boundaries). An engine that holds a context
+    # under this key may fork it instead of prefilling; "" means "do not cache here".
+    key: str = ""
 
 
 @dataclass
@@ -347,6 +351,9 @@ class WorkerHello(Message):
     pid: int
     model: str
     device: str
+    max_running: int = 1  # sequences the engine batches at once
+    kv_blocks: int = 0  # KV pool size in blocks
+    block_size: int = 0  # tokens per KV block
 
 
 @dataclass
@@ -380,12 +387,33 @@ class WorkerDone(Message):
     prefill_s: float
     decode_s: float
     ttft_s: float
+    cached_tokens: int = 0  # prompt tokens served from a cached context instead of prefilled
 
 
 @dataclass
 class WorkerFailed(Message):
     request_id: str
     error: str
+
+
+@dataclass
+class WorkerLoad(Message):
+    """An engine's load, sent when it changes (at most a few times a second) and with evictions."""
+
+    engine_id: int
+    running: int  # sequences decoding or prefilling
+    waiting: int  # admitted but not yet scheduled (including preempted ones)
+    kv_blocks_used: int  # blocks held by running sequences and cached contexts
+    kv_blocks_total: int
+    cached_keys: int = 0  # contexts held in the engine's cache
+    evicted_keys: list[str] = field(default_factory=list)  # context keys dropped since the last report
+
+
+@dataclass
+class ReleaseContexts(Message):
+    """The manager no longer needs these cached contexts: the engine may drop them first."""
+
+    keys: list[str]
 
 
 @dataclass
