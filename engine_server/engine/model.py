@@ -1,18 +1,45 @@
-"""A Llama-architecture decoder in plain PyTorch, with a contiguous per-sequence KV cache.
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2) in plain PyTorch over a paged KV cache.
 
-RMSNorm, rotary embeddings (Hugging Face's rotate-half convention), grouped-query
-attention, SwiGLU MLP, untied lm_head. Module and parameter names follow Hugging
-Face's LlamaForCausalLM (without its "model." prefix) so its checkpoints can be
-loaded by renaming keys. Runs on any device; float32 on CPU, bf16 on CUDA.
+RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama-3
+and linear RoPE scaling), grouped-query attention with optional q/k/v bias
+(Qwen2), SwiGLU MLP, optionally tied embeddings. Module and parameter names
+follow Hugging Face's ``*ForCausalLM`` without the "model." prefix, so
+checkpoints load by renaming keys (loader.py).
+
+One forward runs a whole engine iteration: the new tokens of many sequences,
+packed into one [T] tensor. Attention reads and writes the paged KV pool through
+``attention.AttentionBackend``; everything else is ordinary batched matmuls.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .attention import AttentionBackend, AttentionMetadata
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are stretched for long contexts ("llama3" or "linear")."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llama3", "linear"):
+            raise ValueError(f"rope scaling type {self.kind!r} is not supported (llama3, linear)")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor!r}")
 
 
 @dataclass(frozen=True)
@@ -28,19 +55,41 @@ class ModelConfig:
     max_seq_len: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    head_dim: int = 0  # 0: dim // n_heads (Mistral-style configs may set it explicitly)
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    rope_scaling: RopeScaling | None = None
+    arch: str = "llama"
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
             )
 
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.attention_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        layer = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * layer + embed + self.dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V one token occupies across all layers."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize
 
 
 def tiny_config() -> ModelConfig:
@@ -58,44 +107,12 @@ def tiny_config() -> ModelConfig:
     )
 
 
-@dataclass
-class KVCache:
-    """Keys and values of one sequence, stored contiguously by position.
-
-    Positions [0, length) are valid; writing past `length` and moving it forward
-    appends, lowering it (`truncate`) rolls the sequence back.
-    """
-
-    k: torch.Tensor  # [n_layers, max_len, n_kv_heads, head_dim]
-    v: torch.Tensor  # [n_layers, max_len, n_kv_heads, head_dim]
-    length: int = 0
-
-    @classmethod
-    def allocate(
-        cls,
-        config: ModelConfig,
-        max_len: int | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> KVCache:
-        """An empty cache for up to `max_len` positions (default: config.max_seq_len)."""
-        max_len = config.max_seq_len if max_len is None else max_len
-        shape = (config.n_layers, max_len, config.n_kv_heads, config.head_dim)
-        return cls(
-            k=torch.zeros(shape, device=device, dtype=dtype),
-            v=torch.zeros(shape, device=device, dtype=dtype),
-        )
-
-    @property
-    def capacity(self) -> int:
-        """The most positions this cache can hold."""
-        return self.k.shape[1]
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first `n` positions; later writes overwrite the rest."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"truncate: n must be in [0, {self.length}], got {n}")
-        self.length = n
+def llama2_7b_config() -> ModelConfig:
+    """Llama-2-7B's shape (for benchmarks with random weights)."""
+    return ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+        hidden_dim=11008, max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5,
+    )  # fmt: skip
 
 
 class RMSNorm(nn.Module):
@@ -112,16 +129,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in float32, after any RoPE scaling."""
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, and the band
+    # between is interpolated smoothly.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(middle, interpolated, scaled)
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [T, head_dim] for the given absolute positions.
 
     Angles are computed in float32 (bf16 positions lose precision past 256) and
     each frequency appears twice, in the two halves, as rotate-half expects.
     """
-    dims = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-    inv_freq = 1.0 / (theta ** (dims / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -137,14 +175,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads and rotary positions."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(
@@ -152,37 +192,16 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        start: int,
-        mask: torch.Tensor | None,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """x: [T, dim] at positions start..start+T-1.
-
-        k_cache/v_cache are this layer's [max_len, n_kv_heads, head_dim] slices. mask is
-        [T, start+T] (True = may attend), or None when the cache was empty (SDPA's own
-        causal mask applies) or T == 1 (a lone query sees everything).
-        """
+        """x: [T, dim], the new tokens of every sequence in the batch, packed."""
         T = x.shape[0]
         q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-
-        end = start + T
-        k_cache[start:end] = k
-        v_cache[start:end] = v
-
-        # SDPA wants [heads, seq, head_dim]. Query head h reads K/V head h // n_rep,
-        # which is what repeat_interleave lays out (enable_gqa needs torch >= 2.5).
-        n_rep = self.n_heads // self.n_kv_heads
-        keys = k_cache[:end].transpose(0, 1).repeat_interleave(n_rep, dim=0)
-        values = v_cache[:end].transpose(0, 1).repeat_interleave(n_rep, dim=0)
-        # An empty cache makes the mask the plain square causal one, which SDPA
-        # builds itself (and which lets it pick flash kernels).
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=start == 0 and T > 1
-        )
-        return self.o_proj(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))
+        out = backend.attend(self.layer, q, k, v, meta)
+        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -201,74 +220,61 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+    def forward(self, x, cos, sin, backend, meta) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nn.Module):
-    """Token ids in, next-token logits out, one sequence at a time through its KVCache."""
+    """Packed token ids of a batch in, next-token logits of chosen positions out."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Kept out of the module's buffers so .to(dtype) can never round the frequencies.
+        self._inv_freq = {
+            torch.device("cpu"): rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        }
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Float32 RoPE inverse frequencies on `device` (cached per device)."""
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run tokens [T] at positions cache.length.. and append their K/V to the cache.
+        """Run tokens [T] at `positions` [T]; return float32 logits.
 
-        Returns float32 logits [T, vocab] (or [1, vocab] for the last token only,
-        which is all prefill needs) and advances cache.length by T.
+        Logits are computed only for the rows in `logits_indices` (default: all),
+        since an engine needs one row per sequence that samples next.
         """
-        if tokens.ndim != 1 or tokens.numel() == 0:
-            raise ValueError(
-                f"tokens must be a non-empty 1-D tensor, got shape {tuple(tokens.shape)}"
-            )
-        T = tokens.shape[0]
-        start, end = cache.length, cache.length + T
-        limit = min(cache.capacity, self.config.max_seq_len)
-        if end > limit:
-            raise ValueError(
-                f"sequence too long: {start} cached + {T} new = {end} positions > limit {limit} "
-                f"(cache capacity {cache.capacity}, max_seq_len {self.config.max_seq_len})"
-            )
-
         x = self.embed_tokens(tokens)
-        positions = torch.arange(start, end, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        # Query i sits at absolute position start+i and may see keys 0..start+i. A lone
-        # query sees everything; an empty cache is the square case SDPA handles itself.
-        mask = None
-        if start > 0 and T > 1:
-            mask = positions[:, None] >= torch.arange(end, device=tokens.device)[None, :]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
-        cache.length = end
-
-        if last_only:
-            x = x[-1:]
+        cos, sin = rope_cos_sin(positions, self.inv_freq(positions.device), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, backend, meta)
+        if logits_indices is not None:
+            x = x[logits_indices]
         return self.lm_head(self.norm(x)).float()
 
     @property
@@ -282,28 +288,61 @@ class LlamaModel(nn.Module):
         return self.lm_head.weight.dtype
 
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
-        """Fill weights from `generator`: N(0, std) for matrices, 1.0 for norms."""
+        """Fill weights from `generator`: N(0, std) for matrices and biases, 1.0 for norms."""
         with torch.no_grad():
-            for param in self.parameters():
-                if param.ndim == 1:  # only RMSNorm weights are vectors
+            for name, param in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
 
 
-def build_tiny_model(
-    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+def build_random_model(
+    config: ModelConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> LlamaModel:
-    """A deterministic random model of `tiny_config()`: same seed, same weights, in any process.
+    """A deterministic random model of `config`: same seed, same weights, in any process.
 
-    Weights are drawn in float32 on the CPU from a local generator (the global RNG
-    is left alone), then moved, so the seed fixes them independently of device.
+    Small models draw in float32 on the CPU from a local generator (the global RNG
+    is left alone), then move, so the seed fixes the weights independently of
+    device. Large ones (benchmarks) draw directly on the device in `dtype`.
     """
     # Building on "meta" skips nn.Linear's default init, which would draw from the global RNG.
     with torch.device("meta"):
-        model = LlamaModel(tiny_config())
-    model.to_empty(device="cpu")
-    model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
+        model = LlamaModel(config)
+    big = config.num_params() > 200_000_000
+    init_device = torch.device(device) if big else torch.device("cpu")
+    model.to_empty(device=init_device)
+    if big:
+        model.to(dtype=dtype)
+    if config.tie_embeddings:  # to_empty re-creates parameters, so tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights(torch.Generator(device=init_device).manual_seed(seed))
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
+
+
+def build_tiny_model(
+    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LlamaModel:
+    """The embedded default: a seeded random model of `tiny_config()`."""
+    return build_random_model(tiny_config(), seed, device, dtype)
+
+
+@torch.inference_mode()
+def score(model: LlamaModel, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """Float32 logits [T, vocab] of one whole sequence, without any cache.
+
+    The equivalent of a Hugging Face forward over `token_ids`; the engine's paged
+    path is checked against it.
+    """
+    from .attention import CausalAttention
+
+    tokens = torch.as_tensor(token_ids, device=model.device).reshape(-1)
+    if tokens.numel() == 0:
+        raise ValueError("score needs at least one token")
+    positions = torch.arange(tokens.numel(), device=model.device)
+    return model(tokens, positions, CausalAttention(), None)

@@ -43,11 +43,17 @@ class ByteTokenizer:
         self.eos_id = NUM_BYTES + 1
         self.pad_id = NUM_BYTES + 2
         self.vocab_size = NUM_BYTES + 3
+        self.eos_ids = frozenset({self.eos_id})
+        self.add_bos = True  # prompts start with BOS
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """The UTF-8 bytes of `text` as ids, optionally preceded by BOS."""
         ids = list(text.encode("utf-8"))
         return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that continues a context; bytes need no boundary care."""
+        return self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of the byte ids, skipping special ids; invalid UTF-8 becomes U+FFFD."""

@@ -1,11 +1,13 @@
-"""An engine worker process: owns the model and runs request programs.
+"""An engine worker process: owns the model and runs request programs, batched.
 
 Started by the server (``python -m engine_server.engine.worker``), it connects a
-DEALER to the server's ``workers`` ROUTER, says ``WorkerHello`` and then runs
-``RunRequest`` programs one after another, streaming ``WorkerDelta`` messages
-and ending each with ``WorkerDone`` or ``WorkerFailed``. If it crashes, the
-server notices the exit and runs its request again on a fresh worker (up to
-the executor's ``MAX_ATTEMPTS`` in all).
+DEALER to the server's ``workers`` ROUTER, says ``WorkerHello`` (with its batch
+capacity and KV pool size) and then runs the engine loop: take every
+``RunRequest`` that has arrived, run one engine step over all admitted requests,
+stream ``WorkerDelta`` messages, end each request with ``WorkerDone`` or
+``WorkerFailed``, and report ``WorkerLoad`` when the load changes. If it
+crashes, the server notices the exit and runs its requests again on a fresh
+worker (up to the executor's ``MAX_ATTEMPTS`` in all).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,7 @@ import zmq
 
 from engine_server.protocol import (
     ProtocolError,
+    ReleaseContexts,
     RunRequest,
     SamplingSpec,
     SegmentSpec,
@@ -32,69 +36,86 @@ from engine_server.protocol import (
     WorkerDone,
     WorkerFailed,
     WorkerHello,
+    WorkerLoad,
     WorkerStartFailed,
     decode,
     encode,
 )
 
 if TYPE_CHECKING:
-    from engine_server.engine.runner import GenSegment, ProgramRunner, TextSegment
+    from engine_server.engine.engine import Engine, GenSegment, TextSegment
 
 # torch and the model code are imported inside the functions below, so that main() can
 # tie this process to its server before spending seconds on those imports.
 
 log = logging.getLogger("engine_server.worker")
 
+LOAD_INTERVAL_S = 0.2  # at most this often a WorkerLoad, unless contexts were evicted
 
-def to_runner_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSegment]:
-    from engine_server.engine.runner import GenSegment, TextSegment
+
+def to_engine_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSegment]:
+    from engine_server.engine.engine import GenSegment, TextSegment
     from engine_server.engine.sampler import SamplingParams
 
     # SamplingSpec (the wire form) and SamplingParams (the engine's) share their field names.
     return [
-        TextSegment(seg.text)
+        TextSegment(seg.text, seg.key)
         if seg.kind == "text"
         else GenSegment(seg.var_id, SamplingParams(**dataclasses.asdict(seg.sampling or SamplingSpec())))
         for seg in segments
     ]
 
 
-def build_runner(model: str, device: str) -> ProgramRunner:
-    """The model on its device, ready to run programs; raises with a reason when it cannot be."""
+def build_engine(model: str, device: str, **engine_options) -> Engine:
+    """The model on its device inside an engine; raises with a reason when it cannot be.
+
+    `model` is "tiny" (the embedded seeded model) or a local Hugging Face directory.
+    """
     import torch
 
+    from engine_server.engine.engine import Engine, EngineConfig
     from engine_server.engine.model import build_tiny_model
-    from engine_server.engine.runner import ProgramRunner
     from engine_server.engine.tokenizer import ByteTokenizer
 
-    if model != "tiny":
-        raise ValueError(f"model {model!r}: this version serves only the embedded 'tiny' model")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
-            f"--device cuda, but torch {torch.__version__} sees no CUDA device "
+            f"--device {device}, but torch {torch.__version__} sees no CUDA device "
             f"(built with CUDA: {torch.version.cuda or 'no'}); use --device cpu"
         )
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return ProgramRunner(build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer(), device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if model == "tiny":
+        net, tokenizer = build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer()
+    else:
+        from engine_server.engine.loader import load_model
+
+        loaded = load_model(model, device=device, dtype=dtype)
+        net, tokenizer = loaded.model, loaded.tokenizer
+    if device.startswith("cuda"):
+        defaults = {"max_running": 256, "token_budget": 8192}
+    else:
+        defaults = {"max_running": 16, "token_budget": 512}
+    return Engine(net, tokenizer, EngineConfig(**{**defaults, **engine_options}))
 
 
 class Worker:
     def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes, server_pid: int) -> None:
         self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
         self.server_pid = server_pid
-        self.runner: ProgramRunner | None = None
+        self.engine: Engine | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(endpoint)
+        self._last_load: tuple | None = None
+        self._last_load_t = 0.0
 
     def send(self, msg) -> None:
         self.sock.send_multipart(encode(msg, self.key))
 
     def load(self) -> bool:
-        """Build the model; on failure tell the server why (it will not restart us) and return False."""
+        """Build the engine; on failure tell the server why (it will not restart us) and return False."""
         try:
-            self.runner = build_runner(self.model_name, self.device)
+            self.engine = build_engine(self.model_name, self.device)
         except Exception as exc:
             log.error("engine %d could not start:\n%s", self.engine_id, traceback.format_exc())
             self.send(WorkerStartFailed(self.engine_id, os.getpid(), f"{type(exc).__name__}: {exc}"))
@@ -102,46 +123,93 @@ class Worker:
         return True
 
     def run(self) -> None:
-        assert self.runner is not None, "load() first"
-        self.send(WorkerHello(self.engine_id, os.getpid(), self.model_name, self.device))
+        engine = self.engine
+        assert engine is not None, "load() first"
+        self.send(
+            WorkerHello(
+                self.engine_id, os.getpid(), self.model_name, self.device,
+                max_running=engine.config.max_running,
+                kv_blocks=engine.pool.num_blocks,
+                block_size=engine.pool.block_size,
+            )
+        )  # fmt: skip
         while True:
-            if not self.sock.poll(1000):
-                if os.getppid() != self.server_pid:  # the server died without stopping us
-                    log.error("engine %d: server process is gone; exiting", self.engine_id)
+            busy = engine.has_work()
+            if self.sock.poll(0 if busy else 1000):
+                if not self.receive():
                     return
-                continue
+            elif not busy and os.getppid() != self.server_pid:  # the server died without stopping us
+                log.error("engine %d: server process is gone; exiting", self.engine_id)
+                return
+            if engine.has_work():
+                self.step()
+            self.report_load()
+
+    def receive(self) -> bool:
+        """Handle every message that has arrived; False when told to stop."""
+        while True:
             try:
-                msg = decode(self.sock.recv_multipart(), self.key).msg
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            try:
+                msg = decode(frames, self.key).msg
             except ProtocolError as exc:
                 log.error("engine %d: malformed message from the server: %s", self.engine_id, exc)
                 continue
             if isinstance(msg, StopWorker):
-                return
+                return False
             if isinstance(msg, RunRequest):
-                self.handle(msg)
+                self.submit(msg)
+            elif isinstance(msg, ReleaseContexts):
+                self.engine.release_contexts(msg.keys)
 
-    def handle(self, req: RunRequest) -> None:
-        def on_delta(var_id: str, text: str) -> None:
-            self.send(WorkerDelta(req.request_id, var_id, text))
-
+    def submit(self, req: RunRequest) -> None:
         try:
-            assert self.runner is not None
-            result = self.runner.run(to_runner_segments(req.segments), on_delta=on_delta)
-        except Exception as exc:  # report the failure for this request; the worker stays up
-            log.error("engine %d: request %s failed:\n%s", self.engine_id, req.request_id, traceback.format_exc())
+            self.engine.add(req.request_id, to_engine_segments(req.segments))
+        except Exception as exc:  # a request that can never run fails alone
             self.send(WorkerFailed(req.request_id, f"{type(exc).__name__}: {exc}"))
+
+    def step(self) -> None:
+        from engine_server.engine.engine import Delta, Failed, Finished
+
+        engine = self.engine
+        try:
+            events = engine.step()
+        except Exception as exc:
+            # A failed forward leaves no trustworthy state: fail what was in flight, clear
+            # the cache, and carry on with an empty engine.
+            log.error("engine %d: step failed:\n%s", self.engine_id, traceback.format_exc())
+            error = f"engine step failed: {type(exc).__name__}: {exc}"
+            for rid in engine.reset():
+                self.send(WorkerFailed(rid, error))
             return
-        self.send(
-            WorkerDone(
-                req.request_id,
-                dict(result.outputs),
-                result.prompt_tokens,
-                sum(result.output_tokens.values()),
-                result.timings.prefill_s,
-                result.timings.decode_s,
-                result.timings.ttft_s or 0.0,
-            )
-        )
+        for ev in events:
+            if isinstance(ev, Delta):
+                self.send(WorkerDelta(ev.request_id, ev.key, ev.text))
+            elif isinstance(ev, Finished):
+                r = ev.result
+                self.send(
+                    WorkerDone(
+                        ev.request_id, dict(r.outputs), r.prompt_tokens, sum(r.output_tokens.values()),
+                        r.timings.prefill_s, r.timings.decode_s, r.timings.ttft_s or 0.0,
+                        cached_tokens=r.cached_tokens,
+                    )
+                )  # fmt: skip
+            elif isinstance(ev, Failed):
+                self.send(WorkerFailed(ev.request_id, ev.error))
+
+    def report_load(self) -> None:
+        """Send WorkerLoad when the load changed (throttled) or contexts were evicted."""
+        engine = self.engine
+        load = engine.load()
+        state = tuple(load.values())
+        evicted = engine.cache.evicted
+        now = time.monotonic()
+        if not evicted and (state == self._last_load or now - self._last_load_t < LOAD_INTERVAL_S):
+            return
+        self.send(WorkerLoad(self.engine_id, evicted_keys=engine.cache.take_evicted(), **load))
+        self._last_load, self._last_load_t = state, now
 
     def close(self) -> None:
         self.ctx.destroy(linger=1000)

@@ -1,15 +1,15 @@
-"""ProgramRunner on a tiny real model: greedy equivalence, limits, EOS, stop strings,
-multi-output programs.
+"""One program at a time through the engine on a tiny real model: greedy equivalence,
+chunked prefill, limits, EOS, stop strings, multi-output programs.
 
-References are computed independently of the runner: greedy decoding that
-recomputes the whole sequence from token ids at every step, with no cache reuse.
+References are computed independently of the engine: greedy decoding that
+recomputes the whole sequence from token ids at every step, with no cache at all.
 """
 
 import pytest
 import torch
 
-from engine_server.engine.model import KVCache, build_tiny_model
-from engine_server.engine.runner import GenSegment, ProgramRunner, RunResult, TextSegment
+from engine_server.engine.engine import Engine, EngineConfig, GenSegment, RunResult, TextSegment
+from engine_server.engine.model import build_tiny_model, score
 from engine_server.engine.sampler import SamplingParams
 from engine_server.engine.tokenizer import ByteTokenizer
 
@@ -34,7 +34,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def runner(model, tok):
-    return ProgramRunner(model, tok)
+    return Engine(model, tok, EngineConfig(token_budget=512, max_running=8))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def greedy_ids(model, ids: list[int], n: int) -> list[int]:
     """n greedy tokens after `ids`, recomputing the full sequence at every step."""
     ids, out = list(ids), []
     for _ in range(n):
-        logits = model(torch.tensor(ids), KVCache.allocate(model.config, len(ids)))[-1]
+        logits = score(model, ids)[-1]
         out.append(int(torch.argmax(logits)))
         ids.append(out[-1])
     return out
@@ -103,7 +103,7 @@ def test_prefill_longer_than_a_chunk_matches_hand_rolled_greedy(runner, model, t
     assert res.prompt_tokens == 1101
 
 
-def test_prefill_runs_in_chunks_of_at_most_512_tokens(model, tok):
+def test_prefill_runs_in_chunks_of_at_most_the_token_budget(model, tok):
     calls = []
 
     class RecordingModel:
@@ -112,11 +112,11 @@ def test_prefill_runs_in_chunks_of_at_most_512_tokens(model, tok):
         def __getattr__(self, name):
             return getattr(model, name)
 
-        def __call__(self, tokens, cache, **kw):
+        def __call__(self, tokens, *args):
             calls.append(len(tokens))
-            return model(tokens, cache, **kw)
+            return model(tokens, *args)
 
-    runner = ProgramRunner(RecordingModel(), tok)
+    runner = Engine(RecordingModel(), tok, EngineConfig(token_budget=512))
     run_one(runner, "z" * 1100, max_tokens=3, ignore_eos=True)
     assert calls == [512, 512, 77, 1, 1]  # 1101 prompt tokens, then 2 decode steps
 

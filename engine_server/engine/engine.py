@@ -1,0 +1,696 @@
+"""The engine: continuous batching over a paged KV pool with a context tree.
+
+Requests are *programs*: text to prefill, interleaved with outputs to generate
+(see ``TextSegment``/``GenSegment``). Every ``step()`` is one forward over
+  - one new token of every running sequence that is decoding, and
+  - chunks of prompt text of the others (chunked prefill), up to a token budget,
+then one sampled token for every sequence whose unprocessed tokens all went in.
+New requests join between steps. A request whose prompt starts with a cached
+context (keys on its text segments, a hash chain the manager computes) forks it
+and prefills only the rest. When the pool runs out, unreferenced cached contexts
+are evicted, then the youngest running sequence is preempted: its blocks are
+freed and it is recomputed later from its tokens, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .attention import AttentionMetadata, PagedAttention
+from .kv import BlockPool, Context, ContextCache
+from .model import LlamaModel
+from .sampler import Sampler, SamplingParams
+
+FinishReason = Literal["length", "stop", "eos"]
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """Text that goes into the context as is (constant, or an already-filled input).
+
+    `context_key` names the context ending after this segment; sequences whose
+    prompts share it may share its K/V. "" means "not worth caching here".
+    """
+
+    text: str
+    context_key: str = ""
+
+
+@dataclass(frozen=True)
+class GenSegment:
+    """An output, generated at this point of the context."""
+
+    key: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+Segment = TextSegment | GenSegment
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of one request, from when the engine received it."""
+
+    queue_s: float = 0.0  # until first scheduled
+    prefill_s: float = 0.0  # first scheduled until its first token
+    decode_s: float = 0.0  # first token until done
+    ttft_s: float | None = None  # received until first sampled token; None if nothing was generated
+
+
+@dataclass
+class RunResult:
+    """What a program produced, per output key."""
+
+    outputs: dict[str, str]
+    output_tokens: dict[str, int]
+    finish_reasons: dict[str, FinishReason]
+    prompt_tokens: int  # tokens of the prompt text (and BOS), outputs excluded
+    cached_tokens: int  # of those, how many came from a forked context
+    timings: Timings
+
+
+@dataclass
+class EngineConfig:
+    """Sizes and limits of one engine."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: from kv_cache_bytes (CPU) or free memory (CUDA)
+    kv_cache_bytes: int = 256 * 2**20  # CPU pool budget
+    gpu_memory_utilization: float = 0.85  # share of free device memory the pool may take (CUDA)
+    max_running: int = 64  # sequences in flight at once
+    token_budget: int = 2048  # tokens per forward (decodes first, then prefill chunks)
+    use_triton: bool | None = None  # None: on CUDA
+    cuda_graphs: bool = True  # capture decode steps on CUDA
+    shared_prefix_kernel: bool = True  # let decode read shared prefixes once per group
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.token_budget < self.max_running:
+            raise ValueError(
+                f"need max_running >= 1 and token_budget >= max_running, got "
+                f"{self.max_running} and {self.token_budget}"
+            )
+
+
+@dataclass
+class Delta:
+    request_id: str
+    key: str
+    text: str
+
+
+@dataclass
+class Finished:
+    request_id: str
+    result: RunResult
+
+
+@dataclass
+class Failed:
+    request_id: str
+    error: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class _Output:
+    """Generation state of one output: its tokens and where their text ends."""
+
+    key: str
+    params: SamplingParams
+    sampler: Sampler
+    decoder: object
+    start: int  # index in the sequence's tokens where this output begins
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    ends: list[int] = field(default_factory=list)  # len(text) after each token
+    emitted: int = 0  # chars already streamed
+    hold: int = 0  # chars held back because they may begin a stop string
+
+    def push(self, token: int, text: str) -> None:
+        self.tokens.append(token)
+        self.text += text
+        self.ends.append(len(self.text))
+
+    def flush(self, text: str) -> None:
+        self.text += text
+        if self.ends:
+            self.ends[-1] = len(self.text)
+
+    def kept_tokens(self, stop_at: int) -> int:
+        """How many tokens to keep so their text ends before char `stop_at`.
+
+        Tokens that completed no text yet are leading bytes of the next char: when
+        that char is part of the stop string, they go too.
+        """
+        n = 0
+        for i, end in enumerate(self.ends):
+            if end > stop_at:
+                break
+            if end > (self.ends[i - 1] if i else 0):
+                n = i + 1
+        return n
+
+
+class _Sequence:
+    """One request's state in the engine."""
+
+    def __init__(self, request_id: str, program: list[tuple[Segment, list[int]]], order: int, now: float) -> None:
+        self.request_id = request_id
+        self.program = program  # segments with their token ids (gen segments: [])
+        self.order = order  # arrival order: older sequences are served first, preempted last
+        self.received = now
+        self.scheduled: float | None = None
+        self.first_token: float | None = None
+        self.tokens: list[int] = []
+        self.num_computed = 0  # tokens whose K/V are in this sequence's blocks
+        self.blocks: list[int] = []
+        self.next_segment = 0
+        self.output: _Output | None = None
+        self.boundaries: list[tuple[str, int]] = []  # keyed prompt boundaries before the first output
+        self.registered = 0  # boundaries already cached
+        self.context: Context | None = None  # the context this sequence forked, while it runs
+        self.last_context: Context | None = None  # parent for the next context it registers
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.outputs: dict[str, str] = {}
+        self.output_tokens: dict[str, int] = {}
+        self.finish_reasons: dict[str, FinishReason] = {}
+        self.done = False
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet through the model."""
+        return len(self.tokens) - self.num_computed
+
+
+class Engine:
+    """Runs many request programs at once on one model."""
+
+    def __init__(self, model: LlamaModel, tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        self.device = model.device
+        mc = model.config
+        num_blocks = config.num_blocks or self._pool_blocks()
+        self.pool = BlockPool(
+            num_blocks, config.block_size, mc.n_layers, mc.n_kv_heads, mc.head_dim, self.device, model.dtype
+        )
+        self.cache = ContextCache(self.pool)
+        use_triton = self.device.type == "cuda" if config.use_triton is None else config.use_triton
+        self.attention = PagedAttention(self.pool.k, self.pool.v, use_triton)
+        self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._order = 0
+        self._pending_events: list[Event] = []  # produced outside step(), returned by the next one
+        self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
+        self.stats = {"steps": 0, "preemptions": 0, "forward_tokens": 0}
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+
+    # ------------------------------------------------------------------ sizing
+
+    def _pool_blocks(self) -> int:
+        cfg, mc = self.config, self.model.config
+        per_block = mc.kv_bytes_per_token(self.model.dtype) * cfg.block_size
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization)
+        else:
+            budget = cfg.kv_cache_bytes
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(
+                f"the KV budget ({budget} bytes) holds no {cfg.block_size}-token block "
+                f"({per_block} bytes); raise kv_cache_bytes or free device memory"
+            )
+        return int(blocks)
+
+    # ------------------------------------------------------------ requests
+
+    def add(self, request_id: str, segments: Sequence[Segment]) -> None:
+        """Queue a program; raises ValueError (and queues nothing) if it can never run."""
+        if any(s.request_id == request_id for s in (*self.waiting, *self.running)):
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        keys = [s.key for s in segments if isinstance(s, GenSegment)]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"output keys must be unique, got {keys}")
+        # Text after the last output influences nothing, so it is not run.
+        last_gen = max((i for i, s in enumerate(segments) if isinstance(s, GenSegment)), default=-1)
+        segments = list(segments[: last_gen + 1])
+        program: list[tuple[Segment, list[int]]] = []
+        prompt = 1 if self._add_bos() else 0
+        for i, seg in enumerate(segments):
+            if isinstance(seg, TextSegment):
+                ids = self._encode(seg.text, first=prompt == 0 and i == 0)
+                prompt += len(ids)
+                program.append((seg, ids))
+            else:
+                program.append((seg, []))
+        max_output = sum(s.params.max_tokens for s in segments if isinstance(s, GenSegment))
+        limit = self.model.config.max_seq_len
+        if prompt + max_output > limit:
+            raise ValueError(
+                f"program too long: prompt is {prompt} tokens and outputs may add "
+                f"{max_output} (sum of max_tokens): {prompt + max_output} > max_seq_len {limit}"
+            )
+        if self.pool.blocks_for(prompt + max_output) > self.pool.num_blocks:
+            raise ValueError(
+                f"program needs up to {prompt + max_output} tokens of KV but the engine's pool "
+                f"holds {self.pool.num_blocks * self.pool.block_size}; lower max_tokens or give the engine more memory"
+            )
+        if segments and prompt == 0 and isinstance(segments[0], GenSegment):
+            raise ValueError("an output cannot open a program when the model uses no BOS token: put text first")
+        seq = _Sequence(request_id, program, self._order, time.perf_counter())
+        self._order += 1
+        seq.prompt_tokens = prompt
+        if self._add_bos():
+            seq.tokens.append(self.tokenizer.bos_id)
+        self._advance(seq)
+        if seq.done:  # no outputs at all: nothing to run
+            self._pending_events.append(Finished(request_id, self._result(seq)))
+            return
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; True if it was there."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._release(seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self._release(seq)
+                return True
+        return False
+
+    def reset(self) -> list[str]:
+        """Drop every request and cached context; returns the dropped request ids."""
+        dropped = [s.request_id for s in (*self.running, *self.waiting)]
+        for seq in (*self.running, *self.waiting):
+            self._release(seq)
+        self.running.clear()
+        self.waiting.clear()
+        self._pending_events.clear()
+        self.cache.clear()
+        return dropped
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_events)
+
+    def release_contexts(self, keys: Sequence[str]) -> None:
+        self.cache.release(keys)
+        self.cache.drop_released()
+
+    def load(self) -> dict[str, int]:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_blocks_used": self.pool.num_used,
+            "kv_blocks_total": self.pool.num_blocks,
+            "cached_keys": len(self.cache.contexts),
+        }
+
+    def run(self, segments: Sequence[Segment], on_delta: Callable[[str, str], None] | None = None) -> RunResult:
+        """Run one program to completion (other queued requests progress too)."""
+        rid = f"run-{self._order}"
+        self.add(rid, segments)
+        while True:
+            for ev in self.step():
+                if ev.request_id != rid:
+                    continue
+                if isinstance(ev, Delta) and on_delta is not None:
+                    on_delta(ev.key, ev.text)
+                elif isinstance(ev, Finished):
+                    return ev.result
+                elif isinstance(ev, Failed):
+                    raise RuntimeError(ev.error)
+
+    # ---------------------------------------------------------------- step
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One iteration: admit, schedule, forward, sample. Returns what happened."""
+        events, self._pending_events = self._pending_events, []
+        self._admit()
+        batch = self._schedule()
+        if not batch:
+            return events
+        self.stats["steps"] += 1
+        decode = [(s, n) for s, n in batch if n == 1 and s.output is not None and s.pending == 1]
+        prefill = [(s, n) for s, n in batch if not (n == 1 and s.output is not None and s.pending == 1)]
+        ordered = decode + prefill
+        logits, sampling = self._forward(ordered, len(decode))
+        for seq, n in ordered:
+            seq.num_computed += n
+            self._register_contexts(seq)
+        if sampling:
+            tokens = self._sample(logits, sampling)
+            for seq, token in zip(sampling, tokens):
+                self._on_token(seq, token, events)
+        return events
+
+    # ------------------------------------------------------------ internals
+
+    def _add_bos(self) -> bool:
+        return getattr(self.tokenizer, "add_bos", True) and self.tokenizer.bos_id is not None
+
+    def _encode(self, text: str, first: bool) -> list[int]:
+        if first or not hasattr(self.tokenizer, "encode_continuation"):
+            return self.tokenizer.encode(text)
+        return self.tokenizer.encode_continuation(text)
+
+    def _advance(self, seq: _Sequence) -> None:
+        """Append text segments up to the next output; mark the sequence done after the last one."""
+        while seq.next_segment < len(seq.program):
+            seg, ids = seq.program[seq.next_segment]
+            seq.next_segment += 1
+            if isinstance(seg, TextSegment):
+                seq.tokens.extend(ids)
+                if seg.context_key and not seq.outputs and seq.output is None:
+                    seq.boundaries.append((seg.context_key, len(seq.tokens)))
+                continue
+            params = seg.params
+            seq.output = _Output(
+                seg.key,
+                params,
+                Sampler(params, self.device),
+                self.tokenizer.incremental_decoder(),
+                start=len(seq.tokens),
+                hold=max((len(s) for s in params.stop), default=1) - 1,
+            )
+            if seq.pending == 0:  # nothing left to run before sampling: recompute the last token
+                self._rewind(seq, len(seq.tokens) - 1)
+            return
+        seq.done = True
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the running set while there is room.
+
+        A sequence whose prompt extends a context that a running sequence is about
+        to cache waits for it (one prefill, then a fork) instead of computing the
+        same prefix alongside.
+        """
+        inflight = {
+            key: length
+            for s in self.running
+            for key, length in s.boundaries[s.registered :]
+        }
+        for seq in list(self.waiting):
+            if len(self.running) >= self.config.max_running:
+                return
+            ctx = self.cache.lookup(seq.boundaries, seq.tokens)
+            cached = len(ctx) if ctx is not None else 0
+            if any(inflight.get(key) == n and n > cached for key, n in seq.boundaries):
+                continue
+            start = min(cached, len(seq.tokens) - 1)  # the last token must run to give logits
+            needed = self.pool.blocks_for(len(seq.tokens)) - self.pool.blocks_for(start) + 1
+            reclaimable = sum(len(c.blocks) for c in self.cache.evictable())
+            if self.running and needed > self.pool.num_free + reclaimable:
+                return  # wait for room rather than preempt a running sequence to admit this one
+            self.waiting.remove(seq)
+            if ctx is not None:
+                seq.blocks = self.cache.fork(ctx)
+                seq.context = seq.last_context = ctx
+                seq.num_computed = start
+                if seq.scheduled is None:
+                    seq.cached_tokens = start
+                self._trim_blocks(seq)
+                seq.registered = sum(1 for _, n in seq.boundaries if n <= len(ctx))
+            if seq.scheduled is None:
+                seq.scheduled = time.perf_counter()
+            self.running.append(seq)
+            for key, length in seq.boundaries[seq.registered :]:
+                inflight.setdefault(key, length)
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """Pick (sequence, new tokens) pairs for this forward and make their blocks writable."""
+        budget = self.config.token_budget
+        batch: list[tuple[_Sequence, int]] = []
+        # Decodes first (one token each), then prefill chunks, oldest sequences first.
+        for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.order)):
+            if seq not in self.running:
+                continue  # preempted while making room for an older one
+            n = min(seq.pending, budget)
+            if n <= 0:
+                continue
+            if not self._make_room(seq, n):
+                continue  # this sequence itself was preempted
+            batch.append((seq, n))
+            budget -= n
+            if budget == 0:
+                break
+        return [(s, n) for s, n in batch if s in self.running]
+
+    def _make_room(self, seq: _Sequence, n: int) -> bool:
+        """Ensure seq owns writable blocks for its next n positions; evict/preempt as needed."""
+        while True:
+            if self._writable(seq, seq.num_computed, seq.num_computed + n):
+                return True
+            if self.cache.evict_one():
+                continue
+            victim = max(self.running, key=lambda s: s.order)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+
+    def _writable(self, seq: _Sequence, start: int, end: int) -> bool:
+        """Copy shared blocks in [start, end) and append new ones; False if the pool ran dry."""
+        bs = self.pool.block_size
+        for i in range(start // bs, (end - 1) // bs + 1):
+            if i < len(seq.blocks):
+                old = seq.blocks[i]
+                if self.pool.refcount[old] > 1:
+                    new = self.pool.allocate()
+                    if new is None:
+                        return False
+                    self.pool.copy(old, new)
+                    self.pool.decref([old])
+                    seq.blocks[i] = new
+            else:
+                new = self.pool.allocate()
+                if new is None:
+                    return False
+                seq.blocks.append(new)
+        return True
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free a running sequence's blocks; it is recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.registered = 0
+        self.stats["preemptions"] += 1
+        # Back to the front: it is older than anything still waiting.
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        self.pool.decref(seq.blocks)
+        seq.blocks = []
+        if seq.context is not None:
+            self.cache.unfork(seq.context)
+            seq.context = None
+        seq.last_context = None
+
+    def _rewind(self, seq: _Sequence, n: int) -> None:
+        """Keep only the first n computed positions (the tokens themselves stay)."""
+        seq.num_computed = min(seq.num_computed, n)
+        self._trim_blocks(seq)
+
+    def _trim_blocks(self, seq: _Sequence) -> None:
+        """Return blocks beyond what the sequence's tokens need."""
+        keep = self.pool.blocks_for(len(seq.tokens))
+        if len(seq.blocks) > keep:
+            self.pool.decref(seq.blocks[keep:])
+            del seq.blocks[keep:]
+
+    def _register_contexts(self, seq: _Sequence) -> None:
+        """Cache keyed prompt boundaries this sequence has now computed."""
+        while seq.registered < len(seq.boundaries):
+            key, length = seq.boundaries[seq.registered]
+            if length > seq.num_computed:
+                return
+            seq.registered += 1
+            ctx = self.cache.contexts.get(key)
+            if ctx is None:
+                ctx = self.cache.insert(key, seq.tokens[:length], seq.blocks, seq.last_context)
+            seq.last_context = ctx
+
+    def _forward(self, batch: list[tuple[_Sequence, int]], num_decode: int):
+        """Build the packed inputs, run the model; returns (logits, sequences to sample)."""
+        bs = self.pool.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[_Sequence] = []
+        for seq, n in batch:
+            start = seq.num_computed
+            tokens.extend(seq.tokens[start : start + n])
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(seq.blocks[p // bs] * bs + p % bs)
+            if start + n == len(seq.tokens) and seq.output is not None:
+                logits_rows.append(len(tokens) - 1)
+                sampling.append(seq)
+        self.stats["forward_tokens"] += len(tokens)
+        dev = self.device
+        decode, prefill = batch[:num_decode], batch[num_decode:]
+        if (
+            self.graphs is not None
+            and not prefill
+            and self.graphs.can_run(len(decode))
+        ):
+            logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size)
+            return logits, sampling
+
+        def tables(seqs):
+            width = max(len(s.blocks) for s in seqs)
+            return torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], dtype=torch.int32, device=dev)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode=num_decode,
+            decode_block_tables=tables([s for s, _ in decode]) if decode else None,
+            decode_context_lens=(
+                torch.tensor([s.num_computed + 1 for s, _ in decode], dtype=torch.int32, device=dev) if decode else None
+            ),
+            prefill_block_tables=tables([s for s, _ in prefill]) if prefill else None,
+            prefill_query_start_loc=(
+                torch.tensor(_cumsum([n for _, n in prefill]), dtype=torch.int32, device=dev) if prefill else None
+            ),
+            prefill_context_lens=(
+                torch.tensor([s.num_computed + n for s, n in prefill], dtype=torch.int32, device=dev)
+                if prefill
+                else None
+            ),
+        )
+        if decode and self.config.shared_prefix_kernel and self.attention.use_triton:
+            meta.shared_plan = self._shared_plan([s for s, _ in decode])
+        logits = self.model(
+            torch.tensor(tokens, device=dev),
+            torch.tensor(positions, device=dev),
+            self.attention,
+            meta,
+            torch.tensor(logits_rows, device=dev) if logits_rows else torch.zeros(0, dtype=torch.long, device=dev),
+        )
+        return logits, sampling
+
+    def _shared_plan(self, seqs: list[_Sequence]):
+        import kernels
+
+        plan = kernels.plan_shared_prefix(
+            [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], self.pool.block_size
+        )
+        if plan is None or kernels.choose_decode_kernel(plan, self.model.config.n_kv_heads) != "shared":
+            return None
+        return plan.to(self.device)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        greedy = [i for i, s in enumerate(seqs) if s.output.params.greedy]
+        out = [0] * len(seqs)
+        if greedy:
+            rows = logits[greedy] if len(greedy) < len(seqs) else logits
+            for i, t in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
+                out[i] = t
+        for i, seq in enumerate(seqs):
+            if not seq.output.params.greedy:
+                out[i] = seq.output.sampler.sample(logits[i])
+        return out
+
+    def _on_token(self, seq: _Sequence, token: int, events: list[Event]) -> None:
+        out = seq.output
+        now = time.perf_counter()
+        if seq.first_token is None:
+            seq.first_token = now
+        params = out.params
+        if token in self.eos_ids and not params.ignore_eos:
+            self._finish_output(seq, "eos", None, events)
+            return
+        old_len = len(out.text)
+        out.push(token, out.decoder.push(token))
+        seq.tokens.append(token)
+        stop_at = _find_stop(out.text, old_len, params.stop)
+        if stop_at is not None:
+            self._finish_output(seq, "stop", stop_at, events)
+        elif len(out.tokens) == params.max_tokens:
+            self._finish_output(seq, "length", None, events)
+        else:
+            self._emit(seq, len(out.text) - out.hold, events)
+
+    def _finish_output(self, seq: _Sequence, reason: FinishReason, stop_at: int | None, events: list[Event]) -> None:
+        out = seq.output
+        if stop_at is None:
+            old_len = len(out.text)
+            out.flush(out.decoder.flush())
+            stop_at = _find_stop(out.text, old_len, out.params.stop)
+            if stop_at is not None:
+                reason = "stop"
+        if stop_at is not None:
+            n = out.kept_tokens(stop_at)
+            del out.tokens[n:]
+            out.text = out.text[: out.ends[n - 1] if n else 0]
+            # Roll back so the context holds exactly the kept output.
+            del seq.tokens[out.start + n :]
+            self._rewind(seq, len(seq.tokens))
+        self._emit(seq, len(out.text), events)
+        seq.outputs[out.key] = out.text
+        seq.output_tokens[out.key] = len(out.tokens)
+        seq.finish_reasons[out.key] = reason
+        seq.output = None
+        self._advance(seq)
+        if seq.done:
+            self.running.remove(seq)
+            self._release(seq)
+            events.append(Finished(seq.request_id, self._result(seq)))
+
+    def _emit(self, seq: _Sequence, upto: int, events: list[Event]) -> None:
+        out = seq.output
+        if upto > out.emitted:
+            events.append(Delta(seq.request_id, out.key, out.text[out.emitted : upto]))
+        out.emitted = max(out.emitted, upto)
+
+    def _result(self, seq: _Sequence) -> RunResult:
+        now = time.perf_counter()
+        scheduled = seq.scheduled if seq.scheduled is not None else now
+        first = seq.first_token
+        t = Timings(
+            queue_s=scheduled - seq.received,
+            prefill_s=(first if first is not None else now) - scheduled,
+            decode_s=now - first if first is not None else 0.0,
+            ttft_s=first - seq.received if first is not None else None,
+        )
+        return RunResult(
+            dict(seq.outputs), dict(seq.output_tokens), dict(seq.finish_reasons),
+            seq.prompt_tokens, seq.cached_tokens, t,
+        )  # fmt: skip
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    out = [0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return out
+
+
+def _find_stop(text: str, old_len: int, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string in `text` starts, given none was in text[:old_len].
+
+    A new match must end in the new text, so each search starts len(stop) - 1 chars before it.
+    """
+    hits = [text.find(s, max(0, old_len - len(s) + 1)) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
