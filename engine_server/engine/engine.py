@@ -90,11 +90,9 @@ class EngineConfig:
     shared_prefix_kernel: bool = True  # let decode read shared prefixes once per group
 
     def __post_init__(self) -> None:
-        if self.max_running < 1 or self.token_budget < self.max_running:
-            raise ValueError(
-                f"need max_running >= 1 and token_budget >= max_running, got "
-                f"{self.max_running} and {self.token_budget}"
-            )
+        for name in ("block_size", "max_running", "token_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1,0 +1,214 @@
+"""Continuous batching, the context tree and the pool: many programs at once on the tiny model.
+
+Every expected output is computed independently, by greedy decoding that reruns
+the whole sequence through a cache-free forward at every step.
+"""
+
+import random
+
+import pytest
+import torch
+
+from engine_server.engine.engine import (
+    Delta,
+    Engine,
+    EngineConfig,
+    Failed,
+    Finished,
+    GenSegment,
+    TextSegment,
+)
+from engine_server.engine.model import build_tiny_model, score
+from engine_server.engine.sampler import SamplingParams
+from engine_server.engine.tokenizer import ByteTokenizer
+
+SYSTEM = "System: you are a careful parrot who repeats things. "
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_model(seed=0)
+    m.init_weights(torch.Generator().manual_seed(0), std=0.1)  # context-sensitive outputs
+    return m
+
+
+def greedy_text(model, tok, prompt: str, n: int) -> str:
+    ids, out = [tok.bos_id, *tok.encode(prompt)], []
+    for _ in range(n):
+        out.append(int(score(model, ids)[-1].argmax()))
+        ids.append(out[-1])
+    return tok.decode(out)
+
+
+def gen(n: int, **kw) -> GenSegment:
+    return GenSegment("a", SamplingParams(max_tokens=n, ignore_eos=True, **kw))
+
+
+def drain(engine: Engine) -> tuple[dict, list]:
+    """Step until idle; (results by request id, all events in order)."""
+    results, events = {}, []
+    while engine.has_work():
+        for ev in engine.step():
+            events.append(ev)
+            if isinstance(ev, Finished):
+                results[ev.request_id] = ev.result
+            elif isinstance(ev, Failed):
+                raise AssertionError(ev.error)
+    return results, events
+
+
+def assert_pool_whole(engine: Engine) -> None:
+    engine.cache.clear()
+    assert engine.pool.num_free == engine.pool.num_blocks
+    assert all(r == 0 for r in engine.pool.refcount)
+
+
+def test_concurrent_programs_match_their_solo_greedy_outputs(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=48, max_running=6))
+    prompts = [f"Q{i}: " + "xyz" * (i * 7) for i in range(8)]  # 4..150 tokens: chunked, staggered
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", [TextSegment(p), gen(12 + i)])
+    results, _ = drain(engine)
+    for i, p in enumerate(prompts):
+        assert results[f"r{i}"].outputs["a"] == greedy_text(model, tok, p, 12 + i), i
+    assert engine.stats["steps"] < sum(12 + i for i in range(8))  # decodes really were batched
+    assert_pool_whole(engine)
+
+
+def test_forked_prefix_gives_the_same_output_as_a_fresh_prefill(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    doc = "The document: " + "lorem ipsum " * 6
+    program = [TextSegment(SYSTEM, "k-sys"), TextSegment(doc, "k-doc"), TextSegment(" Summary:"), gen(16)]
+    first = engine.run(program)
+    second = engine.run(program)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == 1 + len(tok.encode(SYSTEM + doc))
+    assert first.outputs == second.outputs
+    assert second.outputs["a"] == greedy_text(model, tok, SYSTEM + doc + " Summary:", 16)
+
+
+def test_prompt_that_is_entirely_cached_recomputes_only_its_last_token(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    program = [TextSegment(SYSTEM * 2, "k-all"), gen(10)]  # block-unaligned length
+    engine.run(program)
+    before = engine.stats["forward_tokens"]
+    again = engine.run(program)
+    assert engine.stats["forward_tokens"] - before == 1 + 9  # last prompt token, then 9 decodes
+    assert again.cached_tokens == again.prompt_tokens - 1
+    assert again.outputs["a"] == greedy_text(model, tok, SYSTEM * 2, 10)
+
+
+def test_requests_sharing_a_prefix_prefill_it_once_even_when_they_arrive_together(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=128, token_budget=32))
+    for i in range(4):
+        engine.add(f"r{i}", [TextSegment(SYSTEM, "k-sys"), TextSegment(f"Task {i}:", f"k-{i}"), gen(5)])
+    results, _ = drain(engine)
+    shared = 1 + len(tok.encode(SYSTEM))
+    assert sorted(r.cached_tokens for r in results.values()) == [0, shared, shared, shared]
+    own = sum(len(tok.encode(f"Task {i}:")) for i in range(4))
+    assert engine.stats["forward_tokens"] == shared + own + 4 * 4  # each token through the model once
+    for i in range(4):
+        assert results[f"r{i}"].outputs["a"] == greedy_text(model, tok, SYSTEM + f"Task {i}:", 5)
+
+
+def test_nested_contexts_form_a_tree_and_leaves_are_evicted_first(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    engine.run([TextSegment(SYSTEM, "sys"), TextSegment("doc one. ", "sys/1"), gen(2)])
+    engine.run([TextSegment(SYSTEM, "sys"), TextSegment("doc two. ", "sys/2"), gen(2)])
+    ctx = engine.cache.contexts
+    assert ctx["sys/1"].parent is ctx["sys"] and ctx["sys/2"].parent is ctx["sys"]
+    assert ctx["sys"].children == 2
+    # The system prompt's full blocks are shared, not copied.
+    full = len(ctx["sys"].tokens) // engine.pool.block_size
+    assert ctx["sys/1"].blocks[:full] == ctx["sys/2"].blocks[:full] == ctx["sys"].blocks[:full]
+    assert engine.cache.evict_one() and engine.cache.evict_one()
+    assert list(ctx) == ["sys"]  # the two leaves went first, the older one first
+    assert engine.cache.take_evicted() == ["sys/1", "sys/2"]
+
+
+def test_pool_pressure_evicts_then_preempts_and_outputs_stay_exact(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=12, token_budget=64, max_running=8))
+    prompts = [SYSTEM + f"item {i} " * 3 for i in range(6)]
+    for i, p in enumerate(prompts):
+        engine.add(f"r{i}", [TextSegment(SYSTEM, "sys"), TextSegment(f"item {i} " * 3), gen(30)])
+    results, _ = drain(engine)
+    assert engine.stats["preemptions"] > 0
+    for i, p in enumerate(prompts):
+        assert results[f"r{i}"].outputs["a"] == greedy_text(model, tok, p, 30)
+    assert_pool_whole(engine)
+
+
+def test_every_block_returns_to_the_pool_after_random_forks_aborts_and_releases(model, tok):
+    rng = random.Random(7)
+    engine = Engine(model, tok, EngineConfig(num_blocks=40, token_budget=40, max_running=5))
+    live = []
+    for i in range(40):
+        parts = [TextSegment(SYSTEM[: rng.randrange(10, len(SYSTEM))], f"s{rng.randrange(3)}")]
+        if rng.random() < 0.7:
+            parts.append(TextSegment(f"doc {rng.randrange(4)}", f"d{rng.randrange(6)}"))
+        parts.append(gen(rng.randrange(1, 20), stop=("zz",) if rng.random() < 0.3 else ()))
+        if rng.random() < 0.3:
+            parts += [TextSegment(" then"), GenSegment("b", SamplingParams(max_tokens=3, ignore_eos=True))]
+        engine.add(f"r{i}", parts)
+        live.append(f"r{i}")
+        for _ in range(rng.randrange(4)):
+            engine.step()
+        if rng.random() < 0.2:
+            assert engine.abort(live.pop(rng.randrange(len(live)))) in (True, False)
+        if rng.random() < 0.2:
+            engine.release_contexts([f"s{rng.randrange(3)}", f"d{rng.randrange(6)}"])
+    drain(engine)
+    assert not engine.running and not engine.waiting
+    assert_pool_whole(engine)
+
+
+def test_release_drops_unused_contexts_and_frees_their_blocks(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    engine.run([TextSegment(SYSTEM * 3, "big"), gen(2)])
+    used = engine.pool.num_used
+    assert used > 0 and "big" in engine.cache.contexts
+    engine.release_contexts(["big"])
+    assert "big" not in engine.cache.contexts
+    assert engine.pool.num_used == 0
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(model, tok):
+    params = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    alone = Engine(model, tok, EngineConfig(num_blocks=64)).run([TextSegment("Once"), gen(20, **params)])
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    engine.add("noise", [TextSegment("Other things"), gen(25, temperature=1.0)])
+    engine.add("seeded", [TextSegment("Once"), gen(20, **params)])
+    results, _ = drain(engine)
+    assert results["seeded"].outputs == alone.outputs
+
+
+def test_deltas_of_concurrent_requests_interleave_and_concatenate(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    for i in range(3):
+        engine.add(f"r{i}", [TextSegment(f"stream {i}:"), gen(15)])
+    results, events = drain(engine)
+    deltas = [e for e in events if isinstance(e, Delta)]
+    order = [e.request_id for e in deltas]
+    assert order.index("r1") < max(i for i, r in enumerate(order) if r == "r0")  # interleaved
+    for i in range(3):
+        assert "".join(e.text for e in deltas if e.request_id == f"r{i}") == results[f"r{i}"].outputs["a"]
+
+
+def test_program_larger_than_the_pool_is_refused_at_once(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=4, block_size=16))
+    with pytest.raises(ValueError, match="pool holds 64"):
+        engine.add("big", [TextSegment("x" * 50), gen(20)])
+    assert not engine.has_work()
+
+
+def test_duplicate_request_id_is_refused(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=16))
+    engine.add("same", [TextSegment("a"), gen(2)])
+    with pytest.raises(ValueError, match="already"):
+        engine.add("same", [TextSegment("b"), gen(2)])
+    drain(engine)
