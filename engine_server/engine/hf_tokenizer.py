@@ -34,11 +34,16 @@ _CONTEXT_SENTINELS = ("\n", "a", ".", "\u00b6")
 class IncrementalDecoder:
     """Turns a stream of token ids into text, one token at a time.
 
-    Each push decodes a short window of the ids (from a few tokens back) twice,
-    without and with the unread tokens, and emits the difference: decoders that
-    strip a leading space or fuse byte tokens treat both the same, so the pieces
-    concatenate to ``decode`` of all ids. Text ending in U+FFFD is held back until
+    Each push decodes a window, from the start of the last emitted chunk, twice:
+    without and with the tokens not yet emitted, and emits the difference.
+    Decoders that strip a leading space or fuse byte tokens treat both the same,
+    so the pieces concatenate to ``decode`` of all ids. Text ending in U+FFFD is held back until
     the rest of its character arrives (or ``flush``).
+
+    Byte-fallback tokens (``<0xE2>``) are held back while a run of them is open
+    (special tokens, which decode to nothing, do not end a run): the decoder turns
+    a whole run into U+FFFDs when any of it is invalid UTF-8, so text decoded
+    from part of a run could later change.
     """
 
     def __init__(self, tokenizer: HFTokenizer) -> None:
@@ -57,6 +62,8 @@ class IncrementalDecoder:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
+        if not final and self._tokenizer.ends_in_byte_run(self._ids):
+            return ""
         decode = self._tokenizer.decode
         prefix = decode(self._ids[self._prefix_offset : self._read_offset])
         text = decode(self._ids[self._prefix_offset :])
@@ -90,6 +97,13 @@ class HFTokenizer:
             add_bos = self._post_processor_adds(self.bos_id)
         self.add_bos: bool = bool(add_bos) and self.bos_id is not None
         self._continuation_prefix = self._find_continuation_prefix()
+        self._byte_tokens: frozenset[int] = frozenset()
+        if getattr(tokenizer.model, "byte_fallback", False):
+            byte_ids = (tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256))
+            self._byte_tokens = frozenset(i for i in byte_ids if i is not None)
+        self._special_ids = frozenset(
+            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> HFTokenizer:
@@ -161,6 +175,19 @@ class HFTokenizer:
     def incremental_decoder(self) -> IncrementalDecoder:
         """A fresh streaming decoder, one per output."""
         return IncrementalDecoder(self)
+
+    def is_byte_fallback_token(self, token_id: int) -> bool:
+        """Whether `token_id` is one raw byte (``<0xNN>``) of a byte-fallback vocabulary."""
+        return token_id in self._byte_tokens
+
+    def ends_in_byte_run(self, ids: Sequence[int]) -> bool:
+        """Whether the last token of `ids` that decodes to anything is a byte-fallback token."""
+        if not self._byte_tokens:
+            return False
+        for token_id in reversed(ids):
+            if token_id not in self._special_ids:
+                return token_id in self._byte_tokens
+        return False
 
     def _token_id(self, token: str | None, field: str) -> int | None:
         if token is None:
