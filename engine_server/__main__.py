@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine_server.server import EngineServer, ServerConfig
+from engine_server.server import EngineServer, ServerConfig, visible_gpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="tiny",
-        help="the model to serve: 'tiny', the seeded tiny Llama built in code (the only one this version serves)",
+        help="the model to serve: 'tiny' (a seeded tiny Llama built in code) or a local Hugging Face model "
+        "directory (config.json, safetensors, tokenizer.json)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where engines run (default: cpu)")
-    parser.add_argument("--engines", type=int, default=1, help="number of engine worker processes (default: 1)")
+    parser.add_argument(
+        "--engines",
+        type=int,
+        default=None,
+        help="number of engine worker processes (default: 1 on cpu, one per visible GPU on cuda; "
+        "more engines than GPUs share them round robin)",
+    )
     parser.add_argument(
         "--port", type=int, default=None, help="requests port; events use PORT+1 (default: random free ports)"
     )
@@ -40,15 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.engines is None:
+        args.engines = len(visible_gpus()) if args.device == "cuda" else 1
     if args.engines < 1:
         print("parrot-nb serve: --engines must be at least 1", file=sys.stderr)
         return 2
-    if args.model != "tiny":
-        # Loading Llama/Mistral/Qwen2 directories belongs to the builtin engine (paged KV, loader);
-        # until it lands, say so instead of failing later inside a worker.
+    if args.model != "tiny" and not (Path(args.model) / "config.json").is_file():
+        # Say so here rather than through every engine failing to start.
         print(
-            f"parrot-nb serve: --model {args.model!r}: this version serves only the embedded 'tiny' model; "
-            "loading a local Hugging Face directory is not available yet. Use --model tiny.",
+            f"parrot-nb serve: --model {args.model!r} is neither 'tiny' nor a local Hugging Face model directory "
+            "(no config.json there); nothing is downloaded, so give the path of a directory on this machine.",
             file=sys.stderr,
         )
         return 2

@@ -132,8 +132,13 @@ class EngineInfo:
     model: str
     device: str
     state: str
-    running: int
+    running: int  # requests the manager has dispatched to it and not yet seen finish
     finished: int
+    capacity: int = 0  # requests it takes at once (its max_running)
+    waiting: int = 0  # from its last WorkerLoad: admitted, not yet scheduled
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    cached_keys: int = 0
 
 
 @dataclass
@@ -143,6 +148,8 @@ class AppInfo:
     requests: int
     done: int
     failed: int
+    prompt_tokens: int = 0  # over its finished requests
+    cached_tokens: int = 0  # of those, served from cached contexts
 
 
 # --------------------------------------------------------------------------- #
@@ -264,6 +271,15 @@ class ServerStatus(Message):
 
 # --------------------------------------------------------------------------- #
 # Events (PUB socket); topic is "app.<app_id>" or "server"
+#
+# One schema for notebooks, widgets and tools (docs/ARCHITECTURE.md, "Events").
+# Per request: RequestQueued -> RequestDispatched -> RequestFirstToken ->
+# RequestFinished | RequestFailed (a retry after an engine crash is queued and
+# dispatched again). Per variable: TokenDelta, VarReady | VarFailed, and
+# ActivationDone for a requested one. Per application: AppStats. Per engine:
+# EngineChanged, EngineLoad. Times ``t`` are Unix seconds at the server;
+# durations (``*_s``) are measured on its monotonic clock. Fields are only ever
+# added, with defaults, so consumers ignore what they do not know.
 # --------------------------------------------------------------------------- #
 
 
@@ -274,17 +290,37 @@ class EventsSynced(Message):
 
 @dataclass
 class RequestQueued(Message):
+    """A requested call whose inputs are all ready waits for an engine."""
+
     app_id: str
     request_id: str
     function: str
     t: float
+    perf: str = ""  # its criterion: "latency" or "throughput"
+    group: str = ""  # its task group (the consumer's request id), "" when in none
 
 
 @dataclass
 class RequestDispatched(Message):
+    """The request was sent to ``engine_id``."""
+
     app_id: str
     request_id: str
     engine_id: int
+    t: float
+    perf: str = ""
+    group: str = ""
+    attempt: int = 1  # 2 when it is re-run after its first engine died
+
+
+@dataclass
+class RequestFirstToken(Message):
+    """The engine streamed the request's first output token."""
+
+    app_id: str
+    request_id: str
+    engine_id: int
+    ttft_s: float  # since dispatch
     t: float
 
 
@@ -316,9 +352,37 @@ class RequestFinished(Message):
     engine_id: int
     prompt_tokens: int
     output_tokens: int
-    queue_s: float
-    exec_s: float
-    ttft_s: float
+    queue_s: float  # queued until dispatched
+    exec_s: float  # dispatched until done
+    ttft_s: float  # as the engine measured it
+    t: float
+    cached_tokens: int = 0  # prompt tokens served from a cached context instead of prefilled
+
+
+@dataclass
+class ActivationDone(Message):
+    """A requested variable (``.get``, ``await``, display) resolved: the end-to-end latency the user saw."""
+
+    app_id: str
+    var_id: str
+    perf: str
+    state: str  # "done" or "failed"
+    latency_s: float  # from its first activation
+    t: float
+
+
+@dataclass
+class AppStats(Message):
+    """An application's totals, published after each of its requests finishes."""
+
+    app_id: str
+    name: str
+    requests: int
+    done: int
+    failed: int
+    prompt_tokens: int
+    cached_tokens: int
+    cache_hit_rate: float  # cached_tokens / prompt_tokens
     t: float
 
 
@@ -337,6 +401,20 @@ class EngineChanged(Message):
     engine_id: int
     state: str
     detail: str
+    t: float
+
+
+@dataclass
+class EngineLoad(Message):
+    """An engine's load, from its ``WorkerLoad`` report."""
+
+    engine_id: int
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    cached_keys: int
+    dispatched: int  # requests the manager has on it
     t: float
 
 

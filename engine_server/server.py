@@ -58,6 +58,7 @@ from engine_server.protocol import (
     WorkerDone,
     WorkerFailed,
     WorkerHello,
+    WorkerLoad,
     WorkerStartFailed,
     decode,
     encode,
@@ -83,7 +84,8 @@ class ServerConfig:
     port: int | None = None  # requests on port, events on port + 1; random when None
     connection_file: Path | None = None
     event_log: Path | None = None
-    engine_capacity: int = 1  # requests handed to one engine at a time (it runs them one by one)
+    # Requests handed to one engine at a time; None: what the engine says it batches (max_running).
+    engine_capacity: int | None = None
 
 
 @dataclass
@@ -156,7 +158,7 @@ class EngineServer:
         """Bind, start the engines, and run the loop until ``Shutdown`` or a signal."""
         info = self.bind()
         for i in range(self.config.engines):
-            self.scheduler.add_engine(i, self.config.engine_capacity)
+            self.scheduler.add_engine(i, self.config.engine_capacity or 1)
             self.engines[i] = EngineProcess(i, self._spawn_engine(i))
         log.info("parrot-nb engine server %s: requests %s, events %s", __version__, info.requests, info.events)
         log.info("connection file: %s", self.connection_file)
@@ -287,22 +289,20 @@ class EngineServer:
         return self.executor.var_state(msg.var_id)
 
     def _on_status(self, msg: Status) -> Message:
-        engines = [
-            EngineInfo(
-                p.engine_id,
-                p.popen.pid,
-                self.config.model,
-                self.config.device,
-                p.state,
-                len(self.scheduler.engines[p.engine_id].running),
-                self.scheduler.engines[p.engine_id].finished,
+        engines = []
+        for p in self.engines.values():
+            slot = self.scheduler.engines[p.engine_id]
+            engines.append(
+                EngineInfo(
+                    p.engine_id, p.popen.pid, self.config.model, self.config.device, p.state, len(slot.running),
+                    slot.finished, slot.capacity, slot.engine_waiting, slot.kv_blocks_used, slot.kv_blocks_total,
+                    slot.cached_keys,
+                )  # fmt: skip
             )
-            for p in self.engines.values()
+        apps = [
+            AppInfo(app.id, app.name, len(app.requests), app.done, app.failed, app.prompt_tokens, app.cached_tokens)
+            for app in self.graph.apps.values()
         ]
-        apps = []
-        for app in self.graph.apps.values():
-            states = [self.graph.requests[r].state for r in app.requests]
-            apps.append(AppInfo(app.id, app.name, len(states), states.count("done"), states.count("failed")))
         return ServerStatus(
             __version__,
             os.getpid(),
@@ -330,6 +330,10 @@ class EngineServer:
         ]  # fmt: skip
         # The key travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
+        if self.config.device == "cuda":
+            # One engine per GPU, round robin when there are more engines than GPUs (for testing).
+            gpus = visible_gpus()
+            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)]
         return subprocess.Popen(cmd, env=env)
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
@@ -345,10 +349,10 @@ class EngineServer:
                 log.error("unexpected worker hello from engine %s pid %s", msg.engine_id, msg.pid)
                 return
             proc.identity, proc.state = identity, "ready"
-            self.scheduler.engines[msg.engine_id].alive = True
-            self.publish(EngineChanged(msg.engine_id, "ready", f"pid {msg.pid}, {msg.model} on {msg.device}", time.time()))
+            detail = f"pid {msg.pid}, {msg.model} on {msg.device}, batches {msg.max_running}"
+            self.publish(EngineChanged(msg.engine_id, "ready", detail, time.time()))
             self._send_frames(self.workers, [identity], Ack())
-            self.executor.pump()
+            self.executor.on_engine_ready(msg, self.config.engine_capacity)
             return
         if isinstance(msg, WorkerStartFailed):
             proc = self.engines.get(msg.engine_id)
@@ -370,6 +374,10 @@ class EngineServer:
             if not isinstance(msg, WorkerDelta):
                 self._log("engine", msg)
             self.executor.on_worker_message(engine_id, msg)
+        elif isinstance(msg, WorkerLoad):
+            msg.engine_id = engine_id  # the socket identity says which engine this is
+            self._log("engine", msg)
+            self.executor.on_engine_load(msg)
 
     def _supervise_engines(self) -> None:
         """Notice dead engine processes: move their work, restart them (within limits)."""
@@ -398,3 +406,14 @@ class EngineServer:
         if all(p.state == "dead" for p in self.engines.values()):
             reasons = "; ".join(sorted({p.detail for p in self.engines.values() if p.detail})) or "see the server log"
             self.executor.fail_queued(f"no engine can run requests ({reasons}); fix that, then restart the server")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs engines may use, without importing torch: CUDA_VISIBLE_DEVICES, else the driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [g.strip() for g in visible.split(",") if g.strip()]
+    else:
+        driver = Path("/proc/driver/nvidia/gpus")
+        ids = [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+    return ids or ["0"]

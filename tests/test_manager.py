@@ -1,49 +1,94 @@
-"""The manager on its own: DAG, criteria, scheduler and executor, driven through their callbacks."""
+"""The manager on its own: DAG, criteria, prefix keys, scheduler and executor, driven through their callbacks."""
 
 from __future__ import annotations
 
+from engine_server.manager import scheduler as scheduling
 from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph
+from engine_server.manager.prefix import assign_keys
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
+    ActivationDone,
+    AppStats,
     ChunkSpec,
+    EngineLoad,
     FunctionSpec,
     InputValue,
     Message,
+    ReleaseContexts,
+    RequestFirstToken,
     RunRequest,
     SamplingSpec,
+    SegmentSpec,
     SubmitCall,
+    WorkerDelta,
     WorkerDone,
+    WorkerHello,
+    WorkerLoad,
 )
+
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 3  # long enough to pull
+
+
+class Clock:
+    """Time for the scheduler's aging, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class Manager:
-    """An executor with one engine of capacity 1, recording what it sends and publishes."""
+    """An executor over ``engines`` ready engines, recording what it sends and publishes."""
 
-    def __init__(self) -> None:
-        self.graph, self.scheduler = Graph(), Scheduler()
-        self.scheduler.add_engine(0, capacity=1).alive = True
-        self.sent: list[RunRequest] = []
+    def __init__(self, engines: int = 1, capacity: int = 1) -> None:
+        self.clock = Clock()
+        self.graph, self.scheduler = Graph(), Scheduler(self.clock)
+        self.sent: list[tuple[int, Message]] = []
         self.events: list[Message] = []
-        self.executor = Executor(self.graph, self.scheduler, self.events.append, lambda _e, m: self.sent.append(m))
-        self.app = self.graph.open_app("app", "test").id
+        self.executor = Executor(self.graph, self.scheduler, self.events.append, lambda e, m: self.sent.append((e, m)))
+        for i in range(engines):
+            self.scheduler.add_engine(i, 1)
+            self.executor.on_engine_ready(WorkerHello(i, 100 + i, "tiny", "cpu", max_running=capacity))
+        self.app = self.open_app("test")
 
-    def call(self, request_id: str, inputs: dict[str, InputValue] | None = None) -> str:
+    def open_app(self, name: str) -> str:
+        return self.graph.open_app(name, name).id
+
+    def call(
+        self, request_id: str, inputs: dict[str, InputValue] | None = None, app: str | None = None, prefix: str | None = None
+    ) -> str:
         """Submit a call whose single output variable is ``<request_id>.out``; return that id."""
-        chunks = [ChunkSpec("text", text=f"{request_id}: ")]
+        chunks = [ChunkSpec("text", text=prefix if prefix is not None else f"{request_id}: ")]
         chunks += [ChunkSpec("input", name=n) for n in (inputs or {})]
-        chunks.append(ChunkSpec("output", name="out", sampling=SamplingSpec()))
+        chunks.append(ChunkSpec("output", name="out", sampling=SamplingSpec(max_tokens=4)))
         var_id = f"{request_id}.out"
-        self.executor.submit(SubmitCall(self.app, request_id, FunctionSpec(request_id, chunks), inputs or {}, {"out": var_id}))
+        call = SubmitCall(app or self.app, request_id, FunctionSpec(request_id, chunks), inputs or {}, {"out": var_id})
+        self.executor.submit(call)
         return var_id
 
-    def finish(self, request_id: str, text: str = "done") -> None:
+    def finish(self, request_id: str, text: str = "done", cached: int = 0) -> None:
         node = self.graph.requests[request_id]
+        assert node.engine_id is not None, f"{request_id} is not running"
         outputs = {v: text for v in node.outputs.values()}
-        self.executor.on_worker_message(0, WorkerDone(request_id, outputs, 1, 1, 0.0, 0.0, 0.0))
+        self.executor.on_worker_message(node.engine_id, WorkerDone(request_id, outputs, 10, 1, 0.0, 0.0, 0.0, cached))
+
+    def runs(self) -> list[RunRequest]:
+        return [m for _, m in self.sent if isinstance(m, RunRequest)]
 
     def dispatched(self) -> list[str]:
-        return [m.request_id for m in self.sent]
+        return [m.request_id for m in self.runs()]
+
+    def engine_of(self, request_id: str) -> int:
+        return next(e for e, m in self.sent if isinstance(m, RunRequest) and m.request_id == request_id)
+
+    def released(self) -> list[tuple[int, list[str]]]:
+        return [(e, m.keys) for e, m in self.sent if isinstance(m, ReleaseContexts)]
+
+
+# ---------------------------------------------------------------- order and the DAG
 
 
 def test_a_queued_request_upgraded_to_latency_overtakes_throughput_work() -> None:
@@ -77,7 +122,7 @@ def test_a_consumer_is_dispatched_with_its_producers_text_filled_in() -> None:
     assert m.dispatched() == ["a"]
     m.finish("a", text="PRODUCED")
     assert m.dispatched() == ["a", "b"]
-    assert m.sent[-1].segments[0].text == "b: PRODUCED"
+    assert [s.text for s in m.runs()[-1].segments if s.kind == "text"] == ["b: ", "PRODUCED"]
 
 
 def test_a_failed_queued_request_leaves_the_queue() -> None:
@@ -99,9 +144,200 @@ def test_an_engine_loss_requeues_its_request_and_a_second_loss_fails_it() -> Non
     m.executor.activate(a, "latency")
     m.executor.on_engine_lost(0, "killed")
     assert m.graph.requests["a"].state == "queued"
-    m.scheduler.engines[0].alive = True  # the restarted engine registers
-    m.executor.pump()
+    m.executor.on_engine_ready(WorkerHello(0, 200, "tiny", "cpu"))  # the restarted engine registers
     assert m.dispatched() == ["a", "a"]
     m.executor.on_engine_lost(0, "killed again")
     assert m.graph.variables[a].state == "failed"
     assert "tried 2 times" in (m.graph.variables[a].error or "")
+
+
+# ---------------------------------------------------------------- context keys
+
+
+def _keys(*texts: str) -> list[str]:
+    return assign_keys([SegmentSpec("text", text=t) for t in texts] + [SegmentSpec("gen", var_id="v")])
+
+
+def test_the_same_system_prompt_gets_the_same_key_in_any_prompt() -> None:
+    assert _keys(SYSTEM, "doc one")[0] == _keys(SYSTEM, "doc two")[0]
+    assert _keys(SYSTEM, "doc one")[1] != _keys(SYSTEM, "doc two")[1]
+
+
+def test_keys_name_the_whole_prefix_and_its_boundaries() -> None:
+    assert _keys("ab", "c")[1] != _keys("a", "bc")[1]
+    assert _keys("x", "shared")[1] != _keys("y", "shared")[1]
+
+
+def test_only_text_before_the_first_output_is_keyed() -> None:
+    segments = [SegmentSpec("text", text="a"), SegmentSpec("gen", var_id="v"), SegmentSpec("text", text="b")]
+    assert len(assign_keys(segments)) == 1
+    assert segments[2].key == ""
+
+
+def test_a_filled_input_is_keyed_by_its_value_whoever_produced_it() -> None:
+    m = Manager(capacity=4)
+    doc = m.call("doc")
+    m.call("direct", {"d": InputValue(text="THE DOCUMENT")}, prefix=SYSTEM)
+    m.call("chained", {"d": InputValue(var_id=doc)}, prefix=SYSTEM)
+    m.executor.activate("direct.out", "latency")
+    m.executor.activate("chained.out", "latency")
+    m.finish("doc", text="THE DOCUMENT")
+    runs = {r.request_id: [s.key for s in r.segments if s.kind == "text"] for r in m.runs()}
+    assert runs["direct"] == runs["chained"] and len(runs["direct"]) == 2
+
+
+def test_a_context_is_released_when_the_last_request_needing_it_finishes() -> None:
+    m = Manager(capacity=4)
+    m.call("a", {"q": InputValue(text="one")}, prefix=SYSTEM)
+    m.call("b", {"q": InputValue(text="two")}, prefix=SYSTEM)
+    m.executor.activate("a.out", "latency")
+    m.executor.activate("b.out", "latency")
+    system_key = m.runs()[0].segments[0].key
+    m.finish("a")
+    assert all(system_key not in keys for _, keys in m.released())  # b still needs it
+    m.finish("b")
+    released = [k for _, keys in m.released() for k in keys]
+    assert system_key in released and len(m.executor.contexts) == 0
+    assert {e for e, _ in m.released()} == {0}
+
+
+# ---------------------------------------------------------------- task groups
+
+
+def _map_reduce(m: Manager, n: int, app: str | None = None, perf: str = "latency") -> list[str]:
+    chunks = [f"m{i}" for i in range(n)]
+    outs = [m.call(c, {"doc": InputValue(text=f"part {i}")}, app=app, prefix="Summarize: ") for i, c in enumerate(chunks)]
+    reduce = m.call("reduce", {f"s{i}": InputValue(var_id=o) for i, o in enumerate(outs)}, app=app)
+    m.executor.activate(reduce, perf)  # type: ignore[arg-type]
+    return chunks
+
+
+def test_producers_feeding_one_consumer_form_its_task_group() -> None:
+    m = Manager()
+    chunks = _map_reduce(m, 3)
+    assert {m.graph.requests[c].group for c in chunks} == {"reduce"}
+    assert m.graph.requests["reduce"].group is None
+
+
+def test_a_task_group_is_dispatched_together_on_one_engine() -> None:
+    m = Manager(engines=2, capacity=8)
+    other = m.open_app("other")
+    m.call("o1", app=other)
+    m.executor.activate("o1.out", "latency")
+    chunks = _map_reduce(m, 5)
+    group = [r for r in m.dispatched() if r in chunks]
+    assert group == chunks
+    assert len({m.engine_of(c) for c in chunks}) == 1
+
+
+def test_a_task_group_that_does_not_fit_goes_first_when_room_frees() -> None:
+    m = Manager(engines=1, capacity=1)
+    other = m.open_app("other")
+    chunks = _map_reduce(m, 3)
+    for i in range(3):
+        m.call(f"o{i}", app=other)
+        m.executor.activate(f"o{i}.out", "latency")
+    for c in chunks:
+        m.finish(c)
+    assert m.dispatched()[:3] == chunks  # the other app's work, queued before the rest of the group, waits
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_an_engine_takes_as_many_requests_as_it_batches() -> None:
+    m = Manager(engines=1, capacity=16)
+    for i in range(20):
+        m.executor.activate(m.call(f"r{i}"), "latency")
+    assert len(m.dispatched()) == 16
+
+
+def test_throughput_work_leaves_a_reserve_that_latency_work_gets() -> None:
+    m = Manager(engines=1, capacity=16)
+    for i in range(20):
+        m.executor.activate(m.call(f"t{i}"), "throughput")
+    assert len(m.dispatched()) == 16 - 16 // 8
+    m.executor.activate(m.call("urgent", app=m.open_app("chat")), "latency")
+    assert m.dispatched()[-1] == "urgent"
+
+
+def test_latency_work_goes_to_the_engine_without_a_throughput_batch() -> None:
+    m = Manager(engines=2, capacity=16)
+    for i in range(6):
+        m.executor.activate(m.call(f"t{i}"), "throughput")
+    assert {m.engine_of(f"t{i}") for i in range(6)} == {0}  # an app's batch stays together
+    m.executor.activate(m.call("urgent", app=m.open_app("chat")), "latency")
+    assert m.engine_of("urgent") == 1
+
+
+def test_requests_sharing_a_long_prefix_go_to_the_engine_that_holds_it() -> None:
+    m = Manager(engines=2, capacity=8)
+    m.executor.activate(m.call("first", {"q": InputValue(text="1")}, prefix=SYSTEM), "latency")
+    m.executor.activate(m.call("busy", app=m.open_app("x")), "latency")
+    assert (m.engine_of("first"), m.engine_of("busy")) == (0, 1)
+    m.finish("busy")
+    other = m.open_app("other")
+    m.executor.activate(m.call("second", {"q": InputValue(text="2")}, app=other, prefix=SYSTEM), "latency")
+    assert m.engine_of("second") == 0  # more loaded, but it holds the system prompt
+
+
+def test_an_evicted_context_no_longer_pulls_requests() -> None:
+    m = Manager(engines=2, capacity=8)
+    m.executor.activate(m.call("first", {"q": InputValue(text="1")}, prefix=SYSTEM), "latency")
+    key = m.runs()[0].segments[0].key
+    m.executor.on_engine_load(WorkerLoad(0, 1, 0, 10, 1000, 0, evicted_keys=[key]))
+    other = m.open_app("other")
+    m.executor.activate(m.call("second", {"q": InputValue(text="2")}, app=other, prefix=SYSTEM), "latency")
+    assert m.engine_of("second") == 1
+    assert any(isinstance(e, EngineLoad) and e.kv_blocks_total == 1000 for e in m.events)
+
+
+def test_an_engine_whose_kv_pool_is_full_gets_no_more_work() -> None:
+    m = Manager(engines=2, capacity=8)
+    m.executor.activate(m.call("a"), "latency")
+    m.executor.activate(m.call("b", app=m.open_app("b")), "latency")
+    m.executor.on_engine_load(WorkerLoad(0, 1, 0, 99, 100, 0))
+    m.executor.on_engine_load(WorkerLoad(1, 1, 0, 0, 100, 0))
+    for i in range(3):
+        m.executor.activate(m.call(f"more{i}"), "latency")  # app affinity would pull them to engine 0
+    assert {m.engine_of(f"more{i}") for i in range(3)} == {1}
+
+
+# ---------------------------------------------------------------- fairness
+
+
+def test_a_flooding_application_does_not_starve_another() -> None:
+    m = Manager(engines=1, capacity=2)
+    for i in range(50):
+        m.executor.activate(m.call(f"f{i}"), "throughput")
+    quiet = m.open_app("quiet")
+    m.executor.activate(m.call("q0", app=quiet), "throughput")
+    m.finish("f0")
+    assert m.dispatched()[-1] == "q0"
+
+
+def test_a_throughput_request_that_waited_long_enough_overtakes_latency_work() -> None:
+    m = Manager(engines=1, capacity=1)
+    m.executor.activate(m.call("busy"), "latency")
+    m.executor.activate(m.call("old", app=m.open_app("batch")), "throughput")
+    m.clock.now += scheduling.AGING_S + 1
+    m.executor.activate(m.call("new", app=m.open_app("chat")), "latency")
+    m.finish("busy")
+    assert m.dispatched() == ["busy", "old"]
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_events_report_first_token_cache_hits_and_activation_latency() -> None:
+    m = Manager()
+    a = m.call("a")
+    m.executor.activate(a, "latency")
+    m.executor.on_worker_message(0, WorkerDelta("a", a, "x"))
+    m.executor.on_worker_message(0, WorkerDelta("a", a, "y"))
+    m.finish("a", cached=4)
+    assert len([e for e in m.events if isinstance(e, RequestFirstToken)]) == 1
+    stats = [e for e in m.events if isinstance(e, AppStats)][-1]
+    assert (stats.prompt_tokens, stats.cached_tokens, stats.cache_hit_rate, stats.done) == (10, 4, 0.4, 1)
+    (done,) = [e for e in m.events if isinstance(e, ActivationDone)]
+    assert (done.var_id, done.perf, done.state) == (a, "latency", "done")

@@ -1,10 +1,15 @@
 """Runs the DAG: dispatches ready requests, delivers results, fails what cannot finish.
 
 The executor is driven by the server loop: calls from clients (``submit``,
-``activate``), messages from engines (``on_worker_message``) and engine
-deaths (``on_engine_lost``). A consumer whose inputs become ready is
-dispatched right here, inside the handler of its producer's result: no client
-message is needed between dependent requests.
+``activate``), messages from engines (``on_worker_message``, ``on_engine_ready``,
+``on_engine_load``) and engine deaths (``on_engine_lost``). A consumer whose
+inputs become ready is dispatched right here, inside the handler of its
+producer's result: no client message is needed between dependent requests.
+
+A request's program (its prompt cut at variable boundaries, with context keys)
+is fixed when it is queued; from then until it finishes or fails it holds a
+reference to each of its keys, and a key no request holds any more is released
+on the engines that may cache it.
 """
 
 from __future__ import annotations
@@ -14,13 +19,19 @@ from collections.abc import Callable
 
 from engine_server.manager import criteria
 from engine_server.manager.graph import Graph, RequestNode
+from engine_server.manager.prefix import ContextRefs, assign_keys, prefix_lengths
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
+    ActivationDone,
+    AppStats,
+    EngineLoad,
     Message,
     Perf,
+    ReleaseContexts,
     RequestDispatched,
     RequestFailed,
     RequestFinished,
+    RequestFirstToken,
     RequestQueued,
     RunRequest,
     SubmitCall,
@@ -31,6 +42,8 @@ from engine_server.protocol import (
     WorkerDelta,
     WorkerDone,
     WorkerFailed,
+    WorkerHello,
+    WorkerLoad,
 )
 
 # A request whose engine died is retried on a fresh engine this many times in all.
@@ -46,6 +59,9 @@ class Executor:
         self.scheduler = scheduler
         self.publish = publish
         self.send_to_engine = send_to_engine
+        self.contexts = ContextRefs()
+        self._unused_keys: list[str] = []  # released since the last pump, to tell the engines
+        self._activated: dict[str, tuple[float, Perf]] = {}  # var id -> when and how it was first requested
 
     # ----------------------------------------------------------------- clients
 
@@ -60,6 +76,7 @@ class Executor:
     def activate(self, var_id: str, perf: Perf) -> None:
         """Request a variable: activate its producers and queue those that are ready."""
         if self.graph.variables[var_id].state in ("pending", "running"):
+            self._activated.setdefault(var_id, (time.monotonic(), perf))
             for node in criteria.activate(self.graph, var_id, perf):
                 if node.state == "waiting" and self.graph.is_ready(node):
                     self._enqueue(node)
@@ -79,24 +96,47 @@ class Executor:
         if node is None or node.state != "running" or node.engine_id != engine_id:
             return  # a late message about a request that was failed or moved elsewhere
         if isinstance(msg, WorkerDelta):
+            if not node.t_first_token:
+                node.t_first_token = time.monotonic()
+                ttft = node.t_first_token - node.t_dispatched
+                self.publish(RequestFirstToken(node.app_id, node.id, engine_id, ttft, time.time()))
             self.publish(TokenDelta(node.app_id, msg.var_id, msg.text))
         elif isinstance(msg, WorkerDone):
             self._finish(node, msg)
         elif isinstance(msg, WorkerFailed):
-            self._release(node)
             self._fail(node, f"engine {engine_id} could not run {node.function.name!r}: {msg.error}")
+        self.pump()
+
+    def on_engine_ready(self, hello: WorkerHello, capacity: int | None = None) -> None:
+        """An engine registered: it takes up to ``capacity`` requests at once (default: its ``max_running``)."""
+        self.scheduler.engine_ready(hello.engine_id, capacity or hello.max_running, hello.kv_blocks, hello.block_size)
+        self.pump()
+
+    def on_engine_load(self, load: WorkerLoad) -> None:
+        """An engine's load report: keep it for placement, forget the contexts it evicted, publish it."""
+        self.scheduler.engine_load(
+            load.engine_id, load.running, load.waiting, load.kv_blocks_used, load.kv_blocks_total,
+            load.cached_keys, load.evicted_keys,
+        )  # fmt: skip
+        slot = self.scheduler.engines[load.engine_id]
+        self.publish(
+            EngineLoad(
+                load.engine_id, load.running, load.waiting, load.kv_blocks_used, load.kv_blocks_total,
+                load.cached_keys, len(slot.running), time.time(),
+            )  # fmt: skip
+        )
         self.pump()
 
     def on_engine_lost(self, engine_id: int, reason: str) -> None:
         """An engine died: retry its requests elsewhere, or fail them with the reason."""
-        slot = self.scheduler.engines[engine_id]
-        lost = [self.graph.requests[r] for r in sorted(slot.running)]
-        slot.running.clear()
-        slot.alive = False
+        lost = [self.graph.requests[r] for r in self.scheduler.engine_lost(engine_id)]
         for node in lost:
             node.engine_id = None
+            node.state = "lost"  # neither queued nor running until it is re-queued or failed
             if node.attempts < MAX_ATTEMPTS:
-                self._enqueue(node)
+                self.scheduler.push(node)
+                node.state = "queued"
+                self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
             else:
                 self._fail(
                     node,
@@ -112,34 +152,54 @@ class Executor:
                 self._fail(node, error)
 
     def pump(self) -> None:
-        """Dispatch queued requests to engines with room."""
+        """Dispatch queued requests to engines with room; tell engines which contexts are no longer needed."""
         for request_id, engine_id in self.scheduler.pop_assignments():
             node = self.graph.requests[request_id]
             node.state = "running"
             node.engine_id = engine_id
             node.attempts += 1
             node.t_dispatched = time.monotonic()
+            node.t_first_token = 0.0
             for var_id in node.outputs.values():
                 self.graph.variables[var_id].state = "running"
-            self.send_to_engine(engine_id, RunRequest(node.id, self.graph.program(node)))
-            self.publish(RequestDispatched(node.app_id, node.id, engine_id, time.time()))
+            assert node.segments is not None  # fixed when it was queued
+            self.send_to_engine(engine_id, RunRequest(node.id, node.segments))
+            self.publish(
+                RequestDispatched(node.app_id, node.id, engine_id, time.time(), node.perf or "", node.group or "", node.attempts)
+            )
+        if self._unused_keys:
+            self._release_contexts()
 
     # ----------------------------------------------------------------- internals
 
     def _enqueue(self, node: RequestNode) -> None:
+        node.segments = self.graph.program(node)
+        self.contexts.acquire(assign_keys(node.segments))
+        node.prefix = prefix_lengths(node.segments)
         node.state = "queued"
         node.t_queued = time.monotonic()
         self.scheduler.push(node)
-        self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time()))
+        self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
 
-    def _release(self, node: RequestNode) -> None:
-        slot = self.scheduler.engines.get(node.engine_id) if node.engine_id is not None else None
-        if slot is not None:
-            slot.running.discard(node.id)
-            slot.finished += 1
+    def _release_contexts(self) -> None:
+        unused = set(self._unused_keys)
+        self._unused_keys.clear()
+        for slot in self.scheduler.engines.values():
+            held = unused & slot.keys
+            if held and slot.alive:
+                self.send_to_engine(slot.engine_id, ReleaseContexts(sorted(held)))
+
+    def _leave(self, node: RequestNode) -> None:
+        """The request no longer waits for or holds an engine: drop its place and its context references."""
+        if node.state == "queued":
+            self.scheduler.discard(node.id)
+        elif node.state == "running" and node.engine_id is not None:
+            self.scheduler.finish(node.id, node.engine_id)
+        if node.state in ("queued", "running", "lost"):
+            self._unused_keys += self.contexts.release(node.prefix)
 
     def _finish(self, node: RequestNode, done: WorkerDone) -> None:
-        self._release(node)
+        self._leave(node)
         node.state = "done"
         now = time.monotonic()
         self.publish(
@@ -153,12 +213,19 @@ class Executor:
                 exec_s=now - node.t_dispatched,
                 ttft_s=done.ttft_s,
                 t=time.time(),
+                cached_tokens=done.cached_tokens,
             )
         )
+        app = self.graph.apps[node.app_id]
+        app.done += 1
+        app.prompt_tokens += done.prompt_tokens
+        app.cached_tokens += done.cached_tokens
+        self.publish(self.app_stats(app.id))
         for var_id in node.outputs.values():
             var = self.graph.variables[var_id]
             var.state, var.value = "done", done.outputs.get(var_id, "")
             self.publish(VarReady(var.app_id, var.id, var.value))
+            self._activation_done(var.app_id, var_id, "done")
         # Server-side dependency execution: consumers that were requested and are now ready run at once.
         for var_id in node.outputs.values():
             for consumer in self.graph.consumers(var_id):
@@ -172,12 +239,28 @@ class Executor:
             node, error = stack.pop()
             if node.state in ("done", "failed"):
                 continue
-            self.scheduler.discard(node.id)
+            self._leave(node)
             node.state = "failed"
+            self.graph.apps[node.app_id].failed += 1
             self.publish(RequestFailed(node.app_id, node.id, error, time.time()))
             for var_id in node.outputs.values():
                 var = self.graph.variables[var_id]
                 var.state, var.error = "failed", error
                 self.publish(VarFailed(var.app_id, var.id, error))
+                self._activation_done(var.app_id, var_id, "failed")
                 for consumer in self.graph.consumers(var_id):
                     stack.append((consumer, f"input variable {var.name!r} failed: {error}"))
+
+    def _activation_done(self, app_id: str, var_id: str, state: str) -> None:
+        activated = self._activated.pop(var_id, None)
+        if activated is not None:
+            t, perf = activated
+            self.publish(ActivationDone(app_id, var_id, perf, state, time.monotonic() - t, time.time()))
+
+    def app_stats(self, app_id: str) -> AppStats:
+        """An application's progress and prefix-cache hits so far."""
+        app = self.graph.apps[app_id]
+        hit_rate = app.cached_tokens / app.prompt_tokens if app.prompt_tokens else 0.0
+        return AppStats(
+            app.id, app.name, len(app.requests), app.done, app.failed, app.prompt_tokens, app.cached_tokens, hit_rate, time.time()
+        )

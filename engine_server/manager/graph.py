@@ -38,11 +38,15 @@ class RequestNode:
     state: str = "waiting"  # waiting | queued | running | done | failed
     perf: Perf | None = None  # set once activated (criteria propagated from a .get)
     depth: int = 0  # longest path from a root of the DAG; FIFO by depth within an app
+    group: str | None = None  # task group (the consumer's id) when it is one of several producers feeding one request
+    segments: list[SegmentSpec] | None = None  # the program, with context keys, fixed once it is queued
+    prefix: dict[str, int] = field(default_factory=dict)  # context key -> prompt bytes up to its boundary
     engine_id: int | None = None
     attempts: int = 0
     t_submitted: float = field(default_factory=time.monotonic)
     t_queued: float = 0.0
     t_dispatched: float = 0.0
+    t_first_token: float = 0.0
 
 
 @dataclass
@@ -50,6 +54,10 @@ class App:
     id: str
     name: str
     requests: list[str] = field(default_factory=list)
+    done: int = 0  # requests finished
+    failed: int = 0
+    prompt_tokens: int = 0  # over its finished requests
+    cached_tokens: int = 0  # of those, served from cached contexts
 
 
 class Graph:
@@ -121,7 +129,12 @@ class Graph:
         return all(v.state == "done" for v in self.input_variables(node))
 
     def program(self, node: RequestNode) -> list[SegmentSpec]:
-        """The request with its inputs filled in: text to prefill and outputs to generate."""
+        """The request with its inputs filled in: text to prefill and outputs to generate.
+
+        Every template text and every input value is a segment of its own, so that each
+        variable boundary is a place where a context can be cached and shared
+        (``prefix.assign_keys``); empty pieces are left out.
+        """
         segments: list[SegmentSpec] = []
         for chunk in node.function.chunks:
             if chunk.kind == "output":
@@ -132,8 +145,6 @@ class Graph:
             else:
                 value = node.inputs[chunk.name]
                 text = value.text if value.text is not None else self.variables[value.var_id].value or ""
-            if segments and segments[-1].kind == "text":
-                segments[-1].text += text
-            else:
+            if text:
                 segments.append(SegmentSpec("text", text=text))
         return segments
