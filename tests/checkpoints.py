@@ -13,7 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 # ASCII only, so characters such as "é" or "€" exercise the sentencepiece byte fallback.
 CORPUS = [
@@ -58,9 +67,8 @@ def sentencepiece_bpe(style: str = "metaspace", vocab_size: int = 340) -> Tokeni
     """
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trained.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SP_SPECIALS, show_progress=False)
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SP_SPECIALS, show_progress=False)
+    trained.train_from_iterator(CORPUS, trainer)
     learned = json.loads(trained.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     vocab = {token: i for i, token in enumerate(SP_SPECIALS)}
@@ -69,7 +77,8 @@ def sentencepiece_bpe(style: str = "metaspace", vocab_size: int = 340) -> Tokeni
     for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(token, len(vocab))
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SP_SPECIALS])
     if style == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
@@ -113,10 +122,11 @@ def write_tokenizer(
         if kind == "llama2":
             config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}
         else:
+            added = {"__type": "AddedToken", "lstrip": False, "normalized": False, "special": True}
             config = {
                 "add_bos_token": True,
-                "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False, "special": True},
-                "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False, "special": True},
+                "bos_token": {**added, "content": "<s>"},
+                "eos_token": {**added, "content": "</s>"},
             }
         generation = {"bos_token_id": 1, "eos_token_id": 2}
     else:

@@ -24,7 +24,9 @@ LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 TEXTS = ["Hello world", "café, naïve € and 😀 emoji", "two  spaces\nnew line\ttab", "日本語のテキスト", "x"]
 
 
-def model_dir(tmp_path: Path, model_type: str = "llama", tokenizer: str = "llama2", shards: int = 1, **overrides) -> Path:
+def model_dir(
+    tmp_path: Path, model_type: str = "llama", tokenizer: str = "llama2", shards: int = 1, **overrides
+) -> Path:
     path = tmp_path / "model"
     write_checkpoint(path, tiny_hf_config(model_type, **overrides), shards=shards)
     write_tokenizer(path, tokenizer)
@@ -50,7 +52,8 @@ def test_llama_config_maps_shape_fields() -> None:
 
 def test_llama3_rope_scaling_reads_old_and_new_config_forms() -> None:
     old = tiny_hf_config("llama", rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3_ROPE})
-    new = tiny_hf_config("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_ROPE})
+    new_rope = {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3_ROPE}
+    new = tiny_hf_config("llama", rope_parameters=new_rope)
     del new["rope_theta"]
     expected = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     for cfg in (old, new):
@@ -118,11 +121,28 @@ def test_loads_the_written_tensors(tmp_path, shards) -> None:
     write_tokenizer(path, "qwen2")
     loaded = load_model(path)
     state = loaded.model.state_dict()
-    assert torch.equal(state["layers.1.self_attn.k_proj.bias"], written["model.layers.1.self_attn.k_proj.bias"])
+    bias = "layers.1.self_attn.k_proj.bias"
+    assert torch.equal(state[bias], written[f"model.{bias}"])
     assert torch.equal(state["embed_tokens.weight"], written["model.embed_tokens.weight"])
     assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.name == "model" and loaded.model.dtype == torch.float32
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_saved_copy_of_a_tied_head_is_not_read(tmp_path) -> None:
+    path = model_dir(tmp_path, "qwen2", "qwen2", tie_word_embeddings=True)
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, path / "model.safetensors")
+    model = load_model(path).model
+    assert model.lm_head.weight is model.embed_tokens.weight and model.lm_head.weight.abs().sum() > 0
+
+
+def test_hugging_face_cache_snapshot_is_named_after_its_repository(tmp_path) -> None:
+    path = tmp_path / "models--org--tiny-llama" / "snapshots" / "abc123"
+    write_checkpoint(path, tiny_hf_config("llama"))
+    write_tokenizer(path, "llama2")
+    assert load_model(path).name == "org/tiny-llama"
 
 
 def test_old_rotary_inv_freq_buffers_are_ignored(tmp_path) -> None:
@@ -209,6 +229,13 @@ def test_missing_tokenizer_json_is_named(tmp_path) -> None:
     assert "tokenizer.json is missing" in load_error(path)
     (path / "tokenizer.model").write_bytes(b"")
     assert "AutoTokenizer.from_pretrained(path).save_pretrained(path)" in load_error(path)
+
+
+def test_tokenizer_larger_than_the_embedding_is_an_error(tmp_path) -> None:
+    path = tmp_path / "model"
+    write_checkpoint(path, tiny_hf_config("llama", vocab_size=300))
+    write_tokenizer(path, "llama2")  # 340 tokens
+    assert "tokenizer.json has 340 tokens but config.json's vocab_size is 300" in load_error(path)
 
 
 def test_special_token_outside_vocabulary_is_named(tmp_path) -> None:

@@ -48,9 +48,15 @@ CASES = {
     "llama-linear-rope": (
         "LlamaForCausalLM", "LlamaConfig", {"rope_scaling": {"type": "linear", "factor": 4.0}}, "llama2", None,
     ),  # fmt: skip
-    "mistral-head-dim": ("MistralForCausalLM", "MistralConfig", {"head_dim": 32, "sliding_window": 4096}, "mistral", None),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"rope_theta": 1000000.0, "tie_word_embeddings": False}, "qwen2", None),
-    "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config", {"rope_theta": 1000000.0, "tie_word_embeddings": True}, "qwen2", None),
+    "mistral-head-dim": (
+        "MistralForCausalLM", "MistralConfig", {"head_dim": 32, "sliding_window": 4096}, "mistral", None,
+    ),  # fmt: skip
+    "qwen2": (
+        "Qwen2ForCausalLM", "Qwen2Config", {"rope_theta": 1e6, "tie_word_embeddings": False}, "qwen2", None,
+    ),  # fmt: skip
+    "qwen2-tied": (
+        "Qwen2ForCausalLM", "Qwen2Config", {"rope_theta": 1e6, "tie_word_embeddings": True}, "qwen2", None,
+    ),  # fmt: skip
 }
 
 

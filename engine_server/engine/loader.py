@@ -189,7 +189,20 @@ def load_model(
         tokenizer = HFTokenizer.from_dir(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(str(exc)) from exc
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=path.name)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(
+            f"{path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+            f"{config.vocab_size}; the tokenizer belongs to another model"
+        )
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=_model_name(path))
+
+
+def _model_name(path: Path) -> str:
+    """The directory's name, or "org/name" for a snapshot in the Hugging Face cache."""
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "/")
+    return path.name
 
 
 def _read_json(file: Path, why: str) -> dict[str, Any]:
@@ -248,8 +261,11 @@ def _load_weights(
     files = _weight_files(path)
     names: dict[str, str] = {}  # our name -> checkpoint name
     unexpected = []
+    tied = model.config.tie_embeddings
     for ckpt_name in files:
         name = ckpt_name.removeprefix("model.")
+        if tied and name == "lm_head.weight":
+            continue  # a tied head is the embedding; a saved copy of it is not read
         if name in expected:
             names[name] = ckpt_name
         elif not ckpt_name.endswith(_IGNORED_SUFFIXES):
@@ -259,7 +275,6 @@ def _load_weights(
             f"{path}: unexpected tensors {_few(unexpected)}: the weights do not match config.json "
             f"(model_type {model.config.arch!r}); check that they come from the same model"
         )
-    tied = model.config.tie_embeddings
     missing = [n for n in expected if n not in names and not (tied and n == "lm_head.weight")]
     if missing:
         raise ModelLoadError(
@@ -276,10 +291,11 @@ def _load_weights(
         try:
             with safe_open(file, framework="pt", device=safetensors_device) as f:
                 for name in file_names:
-                    if tuple(f.get_slice(names[name]).get_shape()) != tuple(expected[name]):
+                    shape = list(f.get_slice(names[name]).get_shape())
+                    if shape != list(expected[name]):
                         raise ModelLoadError(
-                            f"{file}: tensor {names[name]!r} has shape {f.get_slice(names[name]).get_shape()}, "
-                            f"config.json implies {list(expected[name])}; the weights do not match the config"
+                            f"{file}: tensor {names[name]!r} has shape {shape}, config.json implies "
+                            f"{list(expected[name])}; the weights do not match the config"
                         )
                     state[name] = f.get_tensor(names[name]).to(dtype=dtype)
         except (SafetensorError, OSError) as exc:
