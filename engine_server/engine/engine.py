@@ -217,6 +217,11 @@ class Engine:
 
             self.graphs = DecodeGraphs(self)
 
+    def warmup(self) -> None:
+        """Compile kernels and capture decode graphs now rather than on the first request."""
+        if self.graphs is not None and not self.graphs.captured:
+            self.graphs.capture()
+
     # ------------------------------------------------------------------ sizing
 
     def _pool_blocks(self) -> int:
@@ -547,11 +552,10 @@ class Engine:
         self.stats["forward_tokens"] += len(tokens)
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
-        if (
-            self.graphs is not None
-            and not prefill
-            and self.graphs.can_run(len(decode))
-        ):
+        plan = None
+        if decode and self.config.shared_prefix_kernel and self.attention.use_triton:
+            plan = self._shared_plan([s for s, _ in decode])
+        if self.graphs is not None and not prefill and plan is None and self.graphs.can_run(len(decode)):
             logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size)
             return logits, sampling
 
@@ -576,8 +580,7 @@ class Engine:
                 else None
             ),
         )
-        if decode and self.config.shared_prefix_kernel and self.attention.use_triton:
-            meta.shared_plan = self._shared_plan([s for s, _ in decode])
+        meta.shared_plan = plan
         logits = self.model(
             torch.tensor(tokens, device=dev),
             torch.tensor(positions, device=dev),
@@ -593,9 +596,9 @@ class Engine:
         plan = kernels.plan_shared_prefix(
             [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], self.pool.block_size
         )
-        if plan is None or kernels.choose_decode_kernel(plan, self.model.config.n_kv_heads) != "shared":
+        if kernels.choose_decode_kernel(plan) != "shared":
             return None
-        return plan.to(self.device)
+        return plan
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
         greedy = [i for i, s in enumerate(seqs) if s.output.params.greedy]

@@ -94,7 +94,9 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
         defaults = {"max_running": 256, "token_budget": 8192}
     else:
         defaults = {"max_running": 16, "token_budget": 512}
-    return Engine(net, tokenizer, EngineConfig(**{**defaults, **engine_options}))
+    engine = Engine(net, tokenizer, EngineConfig(**{**defaults, **engine_options}))
+    engine.warmup()
+    return engine
 
 
 class Worker:

@@ -1,0 +1,104 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket.
+
+A decode step of a large model is hundreds of small kernel launches; replaying
+a captured graph issues them all at once, so batch-1 decode approaches the time
+it takes to read the weights. Inputs go through static buffers; a batch is
+padded up to its bucket with rows that write nowhere (slot -1) and attend to one
+token of block 0, and their logits are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def buckets(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then multiples of 16 up to max_batch."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+class DecodeGraphs:
+    """Captured decode forwards of an engine's model, replayed for decode-only batches."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sizes = buckets(engine.config.max_running)
+        self.max_batch = self.sizes[-1]
+        dev = engine.device
+        n, width = self.max_batch, engine.max_blocks_per_seq
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # Host-side staging, pinned so the copies are asynchronous.
+        self.host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None  # the graphs' shared memory pool
+        self.captured = False
+
+    def can_run(self, batch: int) -> bool:
+        return batch <= self.max_batch
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:b],
+            num_decode=b,
+            decode_block_tables=self.tables[:b],
+            decode_context_lens=self.lens[:b],
+            prefill_block_tables=None,
+            prefill_query_start_loc=None,
+            prefill_context_lens=None,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so smaller ones reuse its memory."""
+        model, attention = self.engine.model, self.engine.attention
+        self.slots.fill_(-1)
+        self.lens.fill_(1)
+        self.tables.zero_()
+        stream = torch.cuda.Stream(self.engine.device)
+        stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(stream):
+            for b in reversed(self.sizes):
+                # Warm up outside the graph: Triton compiles and autotunes, caches fill.
+                model(self.tokens[:b], self.positions[:b], attention, self._meta(b))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[b] = model(self.tokens[:b], self.positions[:b], attention, self._meta(b))
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[b] = graph
+        torch.cuda.current_stream(self.engine.device).wait_stream(stream)
+        torch.cuda.synchronize(self.engine.device)
+        self.captured = True
+
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], seqs, block_size: int) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of one decode token per sequence."""
+        if not self.captured:
+            self.capture()
+        b = len(seqs)
+        size = next(s for s in self.sizes if s >= b)
+        host = self.host_tables
+        host[:size].zero_()
+        for i, seq in enumerate(seqs):
+            host[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        pad = size - b
+        self.tokens[:size].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.tables[:size].copy_(host[:size], non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size][:b]
