@@ -136,7 +136,7 @@ class Executor:
             if node.attempts < MAX_ATTEMPTS:
                 self.scheduler.push(node)
                 node.state = "queued"
-                self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
+                self._publish_queued(node)
             else:
                 self._fail(
                     node,
@@ -179,6 +179,9 @@ class Executor:
         node.state = "queued"
         node.t_queued = time.monotonic()
         self.scheduler.push(node)
+        self._publish_queued(node)
+
+    def _publish_queued(self, node: RequestNode) -> None:
         self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
 
     def _release_contexts(self) -> None:

@@ -1,0 +1,240 @@
+"""The manager's optimizations on a real server with two CPU engines (tiny model).
+
+Every assertion reads the server's event log: which engine a request went to,
+in which order requests were dispatched, how many prompt tokens came from a
+cached context. No test depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess
+
+import parrot_nb
+from parrot_nb.function import SemanticFunction
+from parrot_nb.variable import SemanticVariableError
+
+
+def _connect_when_ready(server: ServerProcess) -> None:
+    """Connect, and wait until both engines have registered (placement tests need both)."""
+    parrot_nb.connect(server.connection_file)
+    deadline = time.monotonic() + 120
+    while [e.state for e in parrot_nb.status().engines] != ["ready", "ready"]:
+        assert time.monotonic() < deadline, f"engines did not start: {parrot_nb.status().engines}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def two_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path_factory.mktemp("engines"), "--engines", "2")
+    _connect_when_ready(server)
+    yield server
+    parrot_nb.disconnect()
+    server.stop()
+
+
+def _queued(server: ServerProcess, function: str) -> list[str]:
+    """Request ids of ``function``'s calls, in the order they were queued."""
+    ids: list[str] = []
+    for e in server.events():
+        if e["type"] == "RequestQueued" and e["function"] == function and e["request_id"] not in ids:
+            ids.append(e["request_id"])
+    return ids
+
+
+def _dispatches(server: ServerProcess) -> list[dict]:
+    return [e for e in server.events() if e["type"] == "RequestDispatched"]
+
+
+def _finished(server: ServerProcess) -> dict[str, dict]:
+    return {e["request_id"]: e for e in server.events() if e["type"] == "RequestFinished"}
+
+
+def _first_token_seen(server: ServerProcess, function: str) -> bool:
+    ids = set(_queued(server, function))
+    return any(e["type"] == "RequestFirstToken" and e["request_id"] in ids for e in server.events())
+
+
+def _system_prompt(tag: str) -> str:
+    return f"[{tag}] You are a patient assistant for a small team. Answer briefly, cite the notes, stay polite. " * 4
+
+
+def test_engines_report_how_many_requests_they_batch(two_engines: ServerProcess) -> None:
+    assert all(e.capacity >= 1 for e in parrot_nb.status().engines)
+
+
+def test_the_map_stage_is_dispatched_as_a_group_on_one_engine(two_engines: ServerProcess) -> None:
+    summarize = SemanticFunction.from_template("mr_map", "Summarize: {{input:part}}\nSummary: {{output:s max_tokens=4}}")
+    combine = SemanticFunction.from_template(
+        "mr_reduce", "A: {{input:a}}\nB: {{input:b}}\nC: {{input:c}}\nD: {{input:d}}\nAll: {{output:o max_tokens=4}}"
+    )
+    with parrot_nb.app("map-reduce"):
+        parts = [summarize(part=f"chapter {i} of the report") for i in range(4)]
+        total = combine(a=parts[0], b=parts[1], c=parts[2], d=parts[3])
+    total.get(timeout=120)
+
+    maps, (reduce,) = _queued(two_engines, "mr_map"), _queued(two_engines, "mr_reduce")
+    order = [e["request_id"] for e in _dispatches(two_engines)]
+    first = order.index(maps[0])
+    assert set(order[first : first + 4]) == set(maps)  # nothing else was dispatched in between
+    groups = {e["group"] for e in _dispatches(two_engines) if e["request_id"] in maps}
+    assert groups == {reduce}
+    reduce_dispatch = next(e for e in _dispatches(two_engines) if e["request_id"] == reduce)
+    assert reduce_dispatch["perf"] == "latency" and reduce_dispatch["group"] == ""
+    # With engines that batch, the whole group shares one engine.
+    assert len({e["engine_id"] for e in _dispatches(two_engines) if e["request_id"] in maps}) == 1
+
+
+def test_a_system_prompt_shared_by_two_applications_is_prefilled_once(two_engines: ServerProcess) -> None:
+    system = _system_prompt("shared")
+    ask = SemanticFunction.from_template(
+        "gpt_ask", "{{input:system}}User: {{input:q}}\nAssistant: {{output:a}}", max_tokens=48, ignore_eos=True
+    )
+    review = SemanticFunction.from_template(
+        "gpt_review", "{{input:system}}Review this: {{input:t}}\nVerdict: {{output:v max_tokens=4}}"
+    )
+    with parrot_nb.app("gpts-one"):
+        answer = ask(system=system, q="what is a semantic variable?")
+        answer.activate()
+    # While the first application's request decodes (its prompt is cached), the second one arrives.
+    deadline = time.monotonic() + 120
+    while not _first_token_seen(two_engines, "gpt_ask"):
+        assert time.monotonic() < deadline, "the first request never produced a token"
+        time.sleep(0.05)
+    with parrot_nb.app("gpts-two"):
+        review(system=system, t="the quarterly notes").get(timeout=120)
+    answer.get(timeout=120)
+
+    finished = _finished(two_engines)
+    (first,), (second,) = _queued(two_engines, "gpt_ask"), _queued(two_engines, "gpt_review")
+    assert finished[first]["cached_tokens"] == 0
+    assert finished[second]["engine_id"] == finished[first]["engine_id"]
+    # The second application's request reused the first one's system prompt instead of prefilling it.
+    assert finished[second]["cached_tokens"] >= len(system.encode()) // 2
+    stats = [e for e in two_engines.events() if e["type"] == "AppStats" and e["name"] == "gpts-two"][-1]
+    assert stats["cache_hit_rate"] > 0
+
+
+def test_requests_sharing_a_prefix_land_on_the_same_engine(two_engines: ServerProcess) -> None:
+    document = _system_prompt("document")
+    question = SemanticFunction.from_template("doc_q", "{{input:doc}}Question: {{input:q}}\nAnswer: {{output:a max_tokens=4}}")
+    other = SemanticFunction.from_template("doc_other", "Unrelated {{input:x}}: {{output:o max_tokens=4}}")
+    outs = []
+    for i in range(3):
+        with parrot_nb.app(f"reader-{i}"):
+            outs.append(question(doc=document, q=f"question {i}"))
+        with parrot_nb.app(f"bystander-{i}"):
+            outs.append(other(x=f"task {i}"))
+    for out in outs:
+        out.activate()
+    for out in outs:
+        out.get(timeout=120)
+
+    ids = _queued(two_engines, "doc_q")
+    engines = {e["engine_id"] for e in _dispatches(two_engines) if e["request_id"] in ids}
+    assert len(engines) == 1
+    finished = _finished(two_engines)
+    assert sum(finished[r]["cached_tokens"] > 0 for r in ids) >= 2
+
+
+def test_a_latency_critical_request_is_not_stuck_behind_a_throughput_batch(two_engines: ServerProcess) -> None:
+    work = SemanticFunction.from_template("batch_job", "Item {{input:i}}: {{output:o}}", max_tokens=48, ignore_eos=True)
+    chat = SemanticFunction.from_template("chat_turn", "Hello! {{output:o max_tokens=4}}")
+    with parrot_nb.app("batch"):
+        jobs = [work(i=str(i)) for i in range(40)]
+        for job in jobs:
+            job.activate("throughput")
+    with parrot_nb.app("chat"):
+        reply = chat()
+        reply.get("latency", timeout=120)
+    for job in jobs:
+        job.get(timeout=300)
+
+    events = two_engines.events()
+    (chat_id,) = _queued(two_engines, "chat_turn")
+    batch_ids = set(_queued(two_engines, "batch_job"))
+    queued_at = next(i for i, e in enumerate(events) if e["type"] == "RequestQueued" and e["request_id"] == chat_id)
+    dispatched_at = next(i for i, e in enumerate(events) if e["type"] == "RequestDispatched" and e["request_id"] == chat_id)
+    # Nothing of the batch was dispatched while the chat turn waited...
+    assert not [e for e in events[queued_at:dispatched_at] if e["type"] == "RequestDispatched"]
+    # ...although batch requests queued before it were still waiting, and went after it.
+    later = {e["request_id"] for e in events[dispatched_at:] if e["type"] == "RequestDispatched"}
+    assert later & batch_ids
+    # It went to the engine with fewer batch requests running at that moment.
+    running: dict[int, set[str]] = {0: set(), 1: set()}
+    for e in events[:dispatched_at]:
+        if e["type"] == "RequestDispatched" and e["request_id"] in batch_ids:
+            running[e["engine_id"]].add(e["request_id"])
+        elif e["type"] in ("RequestFinished", "RequestFailed") and e["request_id"] in batch_ids:
+            for s in running.values():
+                s.discard(e["request_id"])
+    chosen = events[dispatched_at]["engine_id"]
+    assert len(running[chosen]) <= len(running[1 - chosen])
+
+
+def test_a_flooding_application_does_not_starve_another(two_engines: ServerProcess) -> None:
+    flood_fn = SemanticFunction.from_template("flood_req", "Flood {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
+    quiet_fn = SemanticFunction.from_template("quiet_req", "Quiet {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
+    with parrot_nb.app("flood"):
+        flood = [flood_fn(i=str(i)) for i in range(80)]
+        for v in flood:
+            v.activate("throughput")
+    with parrot_nb.app("quiet"):
+        quiet = [quiet_fn(i=str(i)) for i in range(3)]
+        for v in quiet:
+            v.activate("throughput")
+    for v in quiet + flood:
+        v.get(timeout=300)
+
+    order = [e["request_id"] for e in _dispatches(two_engines)]
+    flood_ids, quiet_ids = _queued(two_engines, "flood_req"), _queued(two_engines, "quiet_req")
+    last_quiet = max(order.index(r) for r in quiet_ids)
+    # The quiet app did not wait for the flood, which was queued before it, to drain.
+    assert any(order.index(r) > last_quiet for r in flood_ids)
+
+
+# ---------------------------------------------------------------- an engine that keeps dying
+
+
+@pytest.fixture
+def fresh_two_engines(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path, "--engines", "2")
+    _connect_when_ready(server)
+    yield server
+    parrot_nb.disconnect()
+    server.stop()
+
+
+def _wait_for_dispatch(server: ServerProcess, request_fn: str, attempt: int) -> int:
+    """The engine the ``attempt``-th dispatch of ``request_fn``'s request went to, once it happened."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ids = _queued(server, request_fn)
+        hits = [e for e in _dispatches(server) if ids and e["request_id"] == ids[0]]
+        if len(hits) >= attempt:
+            return hits[attempt - 1]["engine_id"]
+        time.sleep(0.05)
+    raise AssertionError(f"{request_fn} was not dispatched {attempt} times")
+
+
+def test_a_request_whose_engines_die_fails_clearly_while_others_go_on(fresh_two_engines: ServerProcess) -> None:
+    victim_fn = SemanticFunction.from_template("victim", "Go: {{output:o}}", max_tokens=4000, ignore_eos=True)
+    other_fn = SemanticFunction.from_template("bystander", "Fine {{input:i}}: {{output:o max_tokens=4}}")
+    with parrot_nb.app("victim"):
+        victim = victim_fn()
+        victim.activate()
+    for attempt in (1, 2):
+        engine = _wait_for_dispatch(fresh_two_engines, "victim", attempt)
+        os.kill(parrot_nb.status().engines[engine].pid, signal.SIGKILL)
+    with pytest.raises(SemanticVariableError, match=r"engine \d died while running 'victim'.*tried 2 times"):
+        victim.get(timeout=120)
+    with parrot_nb.app("bystander"):
+        assert all(isinstance(other_fn(i=str(i)).get(timeout=120), str) for i in range(2))
+    failed = [e for e in fresh_two_engines.events() if e["type"] == "RequestFailed"]
+    assert len(failed) == 1
