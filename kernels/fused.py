@@ -26,7 +26,8 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # The sum is rounded to the activation dtype, as `x + residual` in torch would be.
-        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)

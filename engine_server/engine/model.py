@@ -124,9 +124,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)[0]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -186,6 +184,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse(): q, k, v stacked
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Stack q/k/v into one matrix; the per-projection weights become views of it."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = _stack_as_views([p.weight for p in projs], projs, "weight")
+        if self.q_proj.bias is not None:
+            self.qkv_bias = _stack_as_views([p.bias for p in projs], projs, "bias")
 
     def forward(
         self,
@@ -197,9 +204,20 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, dim], the new tokens of every sequence in the batch, packed."""
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:  # fused: one matmul, rotary in place on its output
+            from kernels import fused
+
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q = qkv[:, :nq].view(T, self.n_heads, self.head_dim)
+            k = qkv[:, nq : nq + nk].view(T, self.n_kv_heads, self.head_dim)
+            v = qkv[:, nq + nk :].view(T, self.n_kv_heads, self.head_dim)
+            fused.rotary_(q, cos, sin)
+            fused.rotary_(k, cos, sin)
+        else:
+            q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
+            k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         out = backend.attend(self.layer, q, k, v, meta)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
@@ -212,8 +230,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        projs = (self.gate_proj, self.up_proj)
+        self.gate_up_weight = _stack_as_views([p.weight for p in projs], projs, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            from kernels import fused
+
+            return self.down_proj(fused.silu_mul(F.linear(x, self.gate_up_weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -227,9 +254,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, backend, meta) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, cos, sin, backend, meta, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) in, (mlp output, residual stream before it) out.
+
+        The residual add is folded into the next norm, which fused kernels do in one pass:
+        the stream is h = x + residual, and the layer sees norm(h).
+        """
+        ln = self.input_layernorm
+        h, residual = norm(x, ln.weight, ln.eps, residual)
+        x = self.self_attn(h, cos, sin, backend, meta)
+        ln = self.post_attention_layernorm
+        h, residual = norm(x, ln.weight, ln.eps, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -244,6 +280,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused = False
         # Kept out of the module's buffers so .to(dtype) can never round the frequencies.
         self._inv_freq = {
             torch.device("cpu"): rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -271,11 +308,26 @@ class LlamaModel(nn.Module):
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq(positions.device), x.dtype)
+        norm = _rms_norm
+        if self.fused:
+            from kernels import fused
+
+            norm = fused.rms_norm
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, backend, meta)
+            x, residual = layer(x, residual, cos, sin, backend, meta, norm)
         if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
+            x, residual = x[logits_indices], residual[logits_indices]
+        x, _ = norm(x, self.norm.weight, self.norm.eps, residual)
+        return self.lm_head(x).float()
+
+    def fuse(self) -> None:
+        """Use the fused Triton kernels (CUDA): stacked q/k/v and gate/up matmuls, one-pass
+        norms with the residual add, in-place rotary, SiLU-and-multiply."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self.fused = True
 
     @property
     def device(self) -> torch.device:
@@ -295,6 +347,31 @@ class LlamaModel(nn.Module):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
+
+
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * norm(h), h) with h = x + residual: Hugging Face's LlamaRMSNorm, fp32 inside."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * normed, h
+
+
+def _stack_as_views(tensors: list[torch.Tensor], modules, attr: str) -> torch.Tensor:
+    """Concatenate tensors along dim 0 and re-point each module's parameter at its slice.
+
+    The separate parameters keep their names (so state_dict and loading are unchanged)
+    but share the stacked storage, so no memory is doubled.
+    """
+    stacked = torch.cat([t.detach() for t in tensors], dim=0)
+    offset = 0
+    for module, t in zip(modules, tensors):
+        n = t.shape[0]
+        setattr(module, attr, nn.Parameter(stacked[offset : offset + n], requires_grad=False))
+        offset += n
+    return stacked
 
 
 def build_random_model(
