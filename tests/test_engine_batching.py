@@ -167,14 +167,17 @@ def test_every_block_returns_to_the_pool_after_random_forks_aborts_and_releases(
     assert_pool_whole(engine)
 
 
-def test_release_drops_unused_contexts_and_frees_their_blocks(model, tok):
+def test_released_contexts_stay_forkable_but_are_evicted_first(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64))
-    engine.run([TextSegment(SYSTEM * 3, "big"), gen(2)])
-    used = engine.pool.num_used
-    assert used > 0 and "big" in engine.cache.contexts
-    engine.release_contexts(["big"])
-    assert "big" not in engine.cache.contexts
-    assert engine.pool.num_used == 0
+    engine.run([TextSegment(SYSTEM, "kept"), gen(2)])
+    engine.run([TextSegment("Another preamble entirely. ", "released"), gen(2)])
+    engine.run([TextSegment(SYSTEM, "kept"), gen(2)])  # "kept" is now the more recently used
+    engine.release_contexts(["kept"])
+    again = engine.run([TextSegment(SYSTEM, "kept"), gen(2)])
+    assert again.cached_tokens > 0  # released is not dropped while memory allows
+    engine.release_contexts(["kept"])
+    assert engine.cache.evict_one()
+    assert list(engine.cache.contexts) == ["released"]  # released first, despite being more recent
 
 
 def test_seeded_sampling_is_reproducible_inside_a_batch(model, tok):

@@ -317,8 +317,9 @@ class Engine:
         return bool(self.waiting or self.running or self._pending_events)
 
     def release_contexts(self, keys: Sequence[str]) -> None:
+        """No pending request needs these contexts: they go first when memory is needed,
+        but stay (and can still be forked) until then."""
         self.cache.release(keys)
-        self.cache.drop_released()
 
     def load(self) -> dict[str, int]:
         return {

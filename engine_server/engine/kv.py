@@ -170,15 +170,6 @@ class ContextCache:
         self._drop(candidates[0])
         return True
 
-    def drop_released(self) -> None:
-        """Drop released contexts that nothing uses (their blocks go back unless still shared)."""
-        while True:
-            victims = [c for c in self.evictable() if c.released]
-            if not victims:
-                return
-            for ctx in victims:
-                self._drop(ctx)
-
     def clear(self) -> None:
         """Drop every context (sequences keep their own block references)."""
         for ctx in list(self.contexts.values()):
