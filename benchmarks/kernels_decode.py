@@ -100,7 +100,7 @@ def run_case(name: str, groups, suffix: int, n_kv: int, gen: torch.Generator) ->
         "must_read_mb": b.token_bytes(b.plan.shared_tokens) / 1e6,
         "paged_us": bench(lambda: kernels.paged_decode_attention(*args)),
         "shared_us": bench(lambda: kernels.shared_prefix_decode_attention(*args, b.plan)),
-        "choice": kernels.choose_decode_kernel(b.plan),
+        "saved_bytes": b.token_bytes(b.plan.paged_tokens - b.plan.shared_tokens),
         "max_diff": error,
     }
     naive_bytes = b.token_bytes(b.plan.paged_tokens)
@@ -129,6 +129,30 @@ def decode_cases():
         yield "16 groups x 16, prefix 4096", [(4096, [(0, 16)]) for _ in range(16)], 256, n_kv
         yield "nested: 1024 all, 4 docs x 4096 x 16", [(1024, [(4096, 16)] * 4)], 256, n_kv
         yield "nested: 4096 all, 8 docs x 8192 x 32", [(4096, [(8192, 32)] * 8)], 256, n_kv
+
+
+def calibrate(results: list[dict]) -> tuple[float, float]:
+    """Thresholds (read ratio, saved bytes) that never pick a losing shared run and save the most time."""
+    best, best_gain = (math.inf, math.inf), 0.0
+    for ratio in sorted({r["read_ratio"] for r in results}):
+        for saved in sorted({r["saved_bytes"] for r in results}):
+            chosen = [r for r in results if r["read_ratio"] >= ratio and r["saved_bytes"] >= saved]
+            if any(r["shared_us"] > r["paged_us"] / 0.95 for r in chosen):
+                continue
+            gain = sum(r["paged_us"] - r["shared_us"] for r in chosen)
+            if gain > best_gain:
+                best, best_gain = (ratio, saved), gain
+    return best
+
+
+def constants() -> str:
+    from kernels import prefill, shared_prefix
+
+    names = {shared_prefix: ("GROUP_BLOCK_M", "GROUP_WARPS", "SUFFIX_BLOCK_M", "BLOCK_N", "STAGES", "MIN_CHUNK", "PROGRAMS_PER_SM"),
+             prefill: ("BLOCK_M", "BLOCK_N", "WARPS", "STAGES")}
+    return "; ".join(
+        f"{module.__name__.split('.')[-1]}: " + ", ".join(f"{n}={getattr(module, n)}" for n in ns) for module, ns in names.items()
+    )
 
 
 def fmt(x, spec: str) -> str:
@@ -167,11 +191,12 @@ def main() -> None:
     lines = [
         "# Decode attention over shared prefixes (per layer)",
         "",
-        f"Command: `python benchmarks/kernels_decode.py --out benchmarks/results/kernels_decode.md`  ",
+        f"Command: `python benchmarks/{Path(sys.argv[0]).name} --out benchmarks/results/kernels_decode.md`  ",
         f"Machine: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, Python {platform.python_version()}  ",
         f"Commit: {commit or 'unknown'}; dtype bf16; {HEADS} query heads x {DIM}; block size {PAGE}; "
-        "times are medians (us) of CUDA-event timings after warmup.",
+        "times are medians (us) of CUDA-event timings after warmup.  ",
+        f"Kernel constants: {constants()}.",
         "",
         "Must-read MB: 2 x tokens x kv_heads x 128 x 2 bytes, shared prefixes counted once. Read ratio: "
         "tokens paged decode reads / tokens the shared kernel must read. TB/s: must-read bytes / time. "
@@ -182,10 +207,13 @@ def main() -> None:
         "| shared vs paged | shared vs naive | choice | max diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    results = []
-    for name, groups, suffix, n_kv in decode_cases():
-        r = run_case(name, groups, suffix, n_kv, gen)
-        results.append(r)
+    results = [run_case(name, groups, suffix, n_kv, gen) for name, groups, suffix, n_kv in decode_cases()]
+    ratio, saved = calibrate(results)
+    for r in results:
+        shared = r["read_ratio"] >= ratio and r["saved_bytes"] >= saved
+        r["choice"] = "shared" if shared else "paged"
+    for r in results:
+        n_kv, suffix = r["kv_heads"], r["suffix"]
         vs_naive = None if r["naive_us"] is None else r["naive_us"] / r["shared_us"]
         line = (
             f"| {r['case']} | {r['batch']} | {n_kv} | {suffix} | {r['read_ratio']:.1f} | {r['must_read_mb']:.1f} "
@@ -195,17 +223,20 @@ def main() -> None:
         )
         lines.append(line)
         print(line, flush=True)
-    losing = [r["read_ratio"] for r in results if r["shared_us"] > r["paged_us"] / 0.95]
+    losing = [r for r in results if r["shared_us"] > r["paged_us"] / 0.95]
     lines += [
         "",
         "## Calibration of `choose_decode_kernel`",
         "",
-        f"Read ratios where the shared kernel ran slower than 0.95x of paged: "
-        f"{', '.join(f'{x:.2f}' for x in sorted(losing)) or 'none'}.",
-        f"Largest such ratio: {max(losing, default=0):.2f}; MIN_READ_RATIO is "
-        f"{kernels.shared_prefix.MIN_READ_RATIO}. Cases where the heuristic picks shared and shared is "
-        f"below 0.95x of paged: "
-        f"{sum(1 for r in results if r['choice'] == 'shared' and r['shared_us'] > r['paged_us'] / 0.95)}.",
+        "Shared is chosen when read ratio >= MIN_READ_RATIO and the bytes it saves >= MIN_SAVED_BYTES. "
+        "The thresholds below are the pair (from the measured values) under which no chosen case runs "
+        "below 0.95x of paged and the total time saved is largest.",
+        "",
+        f"- MIN_READ_RATIO = {ratio:.2f}, MIN_SAVED_BYTES = {saved:.3g}",
+        "- cases where shared ran below 0.95x of paged (read ratio, saved MB): "
+        + (", ".join(f"({r['read_ratio']:.1f}, {r['saved_bytes'] / 1e6:.0f})" for r in losing) or "none"),
+        f"- chosen shared yet below 0.95x of paged: "
+        f"{sum(1 for r in results if r['choice'] == 'shared' and r['shared_us'] > r['paged_us'] / 0.95)}",
         "",
         "## Chunked prefill (causal, from an empty cache) against SDPA (flash, KV repeated per query head)",
         "",

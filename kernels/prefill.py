@@ -18,8 +18,44 @@ import triton.language as tl
 
 from .partials import LOG2E, dot_options
 
+# Tuned on the H200 by benchmarks/kernels_tune.py.
 BLOCK_M = 64
 BLOCK_N = 64
+WARPS = 4
+STAGES = 2
+
+
+@triton.jit
+def _prefill_steps(
+    q, m, l, acc, k_cache_ptr, v_cache_ptr, table, start, end, q_pos, kv_head,
+    stride_kb, stride_ko, stride_kh, qk_scale,
+    MASKED: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Fold keys ``[start, end)`` into the rows' running softmax; ``MASKED`` applies causality and the end."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        valid = pos < end
+        block = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        row = block * stride_kb + (pos % PAGE) * stride_ko + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            # Position 0 is visible to every row, so no row's max stays -inf past the first step.
+            scores = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return m, l, acc
 
 
 @triton.jit
@@ -61,27 +97,20 @@ def _paged_prefill_kernel(
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        end = tl.minimum(context, context - q_len + (local + 1) * BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        for n0 in range(0, end, BLOCK_N):
-            pos = n0 + offs_n
-            valid = pos < end
-            block = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-            row = block * stride_kb + (pos % PAGE) * stride_ko + kv_head * stride_kh
-            k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            # Position 0 is visible to every row, so after the first step no row's max is -inf.
-            scores = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m = m_new
+        # Keys before the tile's first query are visible to all its rows: those steps need no mask.
+        first_q = context - q_len + local * BLOCK_M
+        unmasked_end = (first_q // BLOCK_N) * BLOCK_N
+        end = tl.minimum(context, first_q + BLOCK_M)
+        m, l, acc = _prefill_steps(
+            q, m, l, acc, k_cache_ptr, v_cache_ptr, table, 0, unmasked_end, q_pos, kv_head,
+            stride_kb, stride_ko, stride_kh, qk_scale,
+            MASKED=False, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+        )
+        m, l, acc = _prefill_steps(
+            q, m, l, acc, k_cache_ptr, v_cache_ptr, table, unmasked_end, end, q_pos, kv_head,
+            stride_kb, stride_ko, stride_kh, qk_scale,
+            MASKED=True, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+        )
         out = acc / l[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=live[:, None])
@@ -116,6 +145,6 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         scale * LOG2E, n_seqs,
         GROUP=n_heads // n_kv_heads, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        **dot_options(k_cache), num_warps=4, num_stages=2,
+        **dot_options(k_cache), num_warps=WARPS, num_stages=STAGES,
     )
     return out

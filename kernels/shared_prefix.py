@@ -20,13 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import BLOCK_N, multiprocessors
+from .paged_decode import multiprocessors
 from .partials import LOG2E, attend_paged_range, dot_options, merge_partials
 
+# Tuned on the H200 by benchmarks/kernels_tune.py.
 GROUP_BLOCK_M = 64  # rows of a group item: sequences x query heads per KV head
+GROUP_WARPS = 4
 SUFFIX_BLOCK_M = 16  # rows of a suffix item: the query heads of one KV head (the dot's minimum)
+BLOCK_N = 64  # tokens per inner step
+STAGES = 2
 MIN_CHUNK = 256  # fewest tokens an item is split down to
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 4  # split ranges until the launch has about this many programs per SM
 
 
 @dataclass(frozen=True)
@@ -247,12 +251,12 @@ def shared_prefix_decode_attention(
     if launch.n_group_items:
         block_m = max(GROUP_BLOCK_M, triton.next_power_of_2(group))
         _shared_prefix_items_kernel[(launch.n_group_items, n_kv_heads)](
-            *common, 0, BLOCK_M=block_m, **options, num_warps=4, num_stages=2
+            *common, 0, BLOCK_M=block_m, **options, num_warps=GROUP_WARPS, num_stages=STAGES
         )
     if launch.n_suffix_items:
         block_m = max(SUFFIX_BLOCK_M, triton.next_power_of_2(group))
         _shared_prefix_items_kernel[(launch.n_suffix_items, n_kv_heads)](
-            *common, launch.n_group_items, BLOCK_M=block_m, **options, num_warps=4, num_stages=2
+            *common, launch.n_group_items, BLOCK_M=block_m, **options, num_warps=4, num_stages=STAGES
         )
     out = torch.empty_like(q)
     merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets)
@@ -260,12 +264,27 @@ def shared_prefix_decode_attention(
 
 
 # Calibrated on the H200 (benchmarks/results/kernels_decode.md): the shared kernel pays off once
-# paged decode would read this many times the tokens the shared kernel reads.
-MIN_READ_RATIO = 1.5
+# paged decode would read this many times the tokens it reads, and the reads it saves outweigh
+# its extra launches (a few microseconds of bandwidth each).
+MIN_READ_RATIO = 2.5
+MIN_SAVED_BYTES = 200e6
 
 
-def choose_decode_kernel(plan: SharedPrefixPlan | None, min_read_ratio: float = MIN_READ_RATIO) -> str:
-    """``"shared"`` when reading shared prefixes once saves enough reads for this batch, else ``"paged"``."""
-    if plan is None or plan.paged_tokens < min_read_ratio * plan.shared_tokens:
+def choose_decode_kernel(
+    plan: SharedPrefixPlan | None,
+    n_kv_heads: int,
+    head_dim: int = 128,
+    dtype_bytes: int = 2,
+    *,
+    min_read_ratio: float | None = None,
+    min_saved_bytes: float | None = None,
+) -> str:
+    """``"shared"`` when reading shared prefixes once saves enough for this batch (per layer), else ``"paged"``."""
+    if plan is None:
         return "paged"
-    return "shared"
+    ratio = MIN_READ_RATIO if min_read_ratio is None else min_read_ratio
+    saved = MIN_SAVED_BYTES if min_saved_bytes is None else min_saved_bytes
+    saved_bytes = 2 * (plan.paged_tokens - plan.shared_tokens) * n_kv_heads * head_dim * dtype_bytes
+    if plan.paged_tokens >= ratio * plan.shared_tokens and saved_bytes >= saved:
+        return "shared"
+    return "paged"

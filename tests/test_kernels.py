@@ -230,12 +230,17 @@ def test_plan_drops_groups_shorter_than_asked() -> None:
     assert plan.suffix_start == [48, 48, 0]
 
 
-def test_choose_decode_kernel_prefers_shared_only_when_it_saves_reads() -> None:
-    assert kernels.choose_decode_kernel(None) == "paged"
-    big = kernels.plan_shared_prefix([[0, 1, 2, 3, 4 + s] for s in range(8)], [80] * 8, 16)
-    assert kernels.choose_decode_kernel(big) == "shared"
+def test_choose_decode_kernel_prefers_shared_only_when_it_saves_enough_reads() -> None:
+    assert kernels.choose_decode_kernel(None, 8) == "paged"
+    # 64 sequences over a 4096-token prefix: paged decode would read the prefix 64 times.
+    big = kernels.plan_shared_prefix([list(range(256)) + [1000 + s] for s in range(64)], [4096 + 10] * 64, 16)
+    assert kernels.choose_decode_kernel(big, 8) == "shared"
+    # Two sequences sharing one block out of ten: hardly any reads saved.
     small = kernels.plan_shared_prefix([[0] + list(range(10 * s + 1, 10 * s + 10)) for s in range(2)], [160] * 2, 16)
-    assert kernels.choose_decode_kernel(small) == "paged"
+    assert kernels.choose_decode_kernel(small, 8) == "paged"
+    # A high ratio over few bytes does not pay for the extra launches.
+    tiny = kernels.plan_shared_prefix([[0, 1, 2, 3, 4 + s] for s in range(8)], [80] * 8, 16)
+    assert kernels.choose_decode_kernel(tiny, 8) == "paged"
 
 
 # --- shared-prefix decode ---------------------------------------------------------------------
