@@ -92,7 +92,9 @@ def copy_bandwidth() -> float:
 def release(engine: Engine) -> None:
     """Give an engine's pool and graphs back before the next one sizes its pool."""
     engine.reset()
-    engine.graphs = None
+    # The caller's name still points at the engine: drop what holds device memory now.
+    engine.graphs = engine.attention = None
+    engine.pool.k = engine.pool.v = None
     gc.collect()
     torch.cuda.empty_cache()
 

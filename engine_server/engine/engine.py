@@ -599,7 +599,9 @@ class Engine:
         plan = kernels.plan_shared_prefix(
             [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], self.pool.block_size
         )
-        if kernels.choose_decode_kernel(plan) != "shared":
+        mc = self.model.config
+        itemsize = self.pool.k.element_size()
+        if kernels.choose_decode_kernel(plan, mc.n_kv_heads, mc.head_dim, itemsize) != "shared":
             return None
         return plan
 

@@ -209,11 +209,11 @@ class Attention(nn.Module):
 
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
             nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            # q's heads and k's heads sit side by side in each row: one rotary launch for both.
+            fused.rotary_(qkv[:, : nq + nk].view(T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
             q = qkv[:, :nq].view(T, self.n_heads, self.head_dim)
             k = qkv[:, nq : nq + nk].view(T, self.n_kv_heads, self.head_dim)
             v = qkv[:, nq + nk :].view(T, self.n_kv_heads, self.head_dim)
-            fused.rotary_(q, cos, sin)
-            fused.rotary_(k, cos, sin)
         else:
             q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
             k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
