@@ -30,6 +30,7 @@ def engine():
                       hidden_dim=512, max_seq_len=4096)  # fmt: skip
     model = build_random_model(cfg, seed=0, device="cuda", dtype=torch.float32)
     engine = Engine(model, ByteTokenizer(), EngineConfig(num_blocks=512, max_running=64, cuda_graphs=True))
+    engine.graphs.capture()
     engine.add("first", [TextSegment(SYSTEM, "sys"), GenSegment("a", SamplingParams(max_tokens=2))])
     while engine.has_work():
         engine.step()
@@ -46,7 +47,7 @@ def engine():
     return engine
 
 
-def decode_logits(engine: Engine, *, triton: bool, shared: bool, graphs: bool) -> torch.Tensor:
+def decode_logits(engine: Engine, *, triton: bool, shared: bool | None, graphs: bool) -> torch.Tensor:
     """Logits of one decode step over the engine's running batch, through the chosen path."""
     saved = engine.attention, engine.graphs, engine.config.shared_prefix_kernel
     engine.attention = PagedAttention(engine.pool.k, engine.pool.v, use_triton=triton)
@@ -72,7 +73,12 @@ def assert_close(got, want):
 
 
 def test_batch_really_shares_a_prefix(engine):
-    assert engine._shared_plan(list(engine.running)) is not None
+    engine.config.shared_prefix_kernel = True
+    try:
+        plan = engine._shared_plan(list(engine.running))
+    finally:
+        engine.config.shared_prefix_kernel = None
+    assert plan is not None and plan.shared_tokens < plan.paged_tokens
 
 
 def test_triton_paged_decode_matches_reference(engine, reference):

@@ -87,7 +87,9 @@ class EngineConfig:
     token_budget: int = 2048  # tokens per forward (decodes first, then prefill chunks)
     use_triton: bool | None = None  # None: on CUDA
     cuda_graphs: bool = True  # capture decode steps on CUDA
-    shared_prefix_kernel: bool = True  # let decode read shared prefixes once per group
+    # Decode reads shared prefixes once per group: None = when kernels.choose_decode_kernel
+    # expects it to pay, True = whenever the batch shares a prefix, False = never.
+    shared_prefix_kernel: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_running", "token_budget"):
@@ -556,7 +558,7 @@ class Engine:
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
         plan = None
-        if decode and self.config.shared_prefix_kernel and self.attention.use_triton:
+        if decode and self.config.shared_prefix_kernel is not False and self.attention.use_triton:
             plan = self._shared_plan([s for s, _ in decode])
         if self.graphs is not None and not prefill and plan is None and self.graphs.can_run(len(decode)):
             logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size)
@@ -599,6 +601,8 @@ class Engine:
         plan = kernels.plan_shared_prefix(
             [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], self.pool.block_size
         )
+        if plan is None or self.config.shared_prefix_kernel:
+            return plan
         mc = self.model.config
         itemsize = self.pool.k.element_size()
         if kernels.choose_decode_kernel(plan, mc.n_kv_heads, mc.head_dim, itemsize) != "shared":
