@@ -222,9 +222,23 @@ class Engine:
             self.graphs = DecodeGraphs(self)
 
     def warmup(self) -> None:
-        """Compile kernels and capture decode graphs now rather than on the first request."""
+        """Compile kernels and capture decode graphs now rather than on the first request.
+
+        On CUDA a short request goes through prefill (a chunk after a cached prefix, too)
+        and decode, so the first real request pays no Triton compile; the cache is then
+        cleared and the statistics reset.
+        """
+        if self.device.type != "cuda":
+            return
         if self.graphs is not None and not self.graphs.captured:
             self.graphs.capture()
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        text = " ".join(["0"] * 40)  # tokenizes under any vocabulary
+        self.run([TextSegment(text, "\0warmup"), GenSegment("a", params)])
+        self.run([TextSegment(text, "\0warmup"), TextSegment(text), GenSegment("a", params)])
+        self.cache.clear()
+        self.cache.take_evicted()
+        self.stats = dict.fromkeys(self.stats, 0)
 
     # ------------------------------------------------------------------ sizing
 
