@@ -42,6 +42,7 @@ class DecodeGraphs:
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         # Host-side staging, pinned so the copies are asynchronous.
         self.host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+        self.host_rows = self.host_tables.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None  # the graphs' shared memory pool
@@ -91,9 +92,10 @@ class DecodeGraphs:
         b = len(seqs)
         size = next(s for s in self.sizes if s >= b)
         host = self.host_tables
-        host[:size].zero_()
+        rows = self.host_rows  # a numpy view of the pinned buffer: row writes without tensor objects
+        rows[:size] = 0
         for i, seq in enumerate(seqs):
-            host[i, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+            rows[i, : len(seq.blocks)] = seq.blocks
         pad = size - b
         self.tokens[:size].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)

@@ -610,6 +610,10 @@ class Engine:
         return logits, sampling
 
     def _shared_plan(self, seqs: list[_Sequence]):
+        bs = self.pool.block_size
+        first = [s.blocks[0] for s in seqs if s.num_computed + 1 >= bs]  # only full blocks are shared
+        if len(set(first)) == len(first):
+            return None  # no two sequences share even their first block: skip the planner
         import kernels
 
         plan = kernels.plan_shared_prefix(
