@@ -41,7 +41,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--event-log", type=Path, default=None, help="append every request and event to this JSONL file")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    engine = parser.add_argument_group("engine sizing (per engine worker)")
+    engine.add_argument(
+        "--max-running", type=_positive_int, default=None,
+        help="sequences an engine batches at once (default: 16 on cpu, 256 on cuda)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--token-budget", type=_positive_int, default=None,
+        help="tokens per engine step: decodes first, then prefill chunks (default: 512 on cpu, 8192 on cuda)",
+    )  # fmt: skip
+    engine.add_argument(
+        "--kv-cache-mb", type=_positive_int, default=None,
+        help="KV pool size in MiB on cpu (default: 256); on cuda the pool is sized from free memory",
+    )  # fmt: skip
+    engine.add_argument(
+        "--gpu-memory-utilization", type=_fraction, default=None,
+        help="share of the free GPU memory (after weights) the KV pool takes on cuda (default: 0.85)",
+    )  # fmt: skip
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, str]:
+    """The sizing flags that were given, as worker command-line options."""
+    names = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization")
+    return {name: str(getattr(args, name)) for name in names if getattr(args, name) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         connection_file=args.connection_file,
         event_log=args.event_log,
+        engine_options=engine_options(args),
     )
     EngineServer(config).serve_forever()
     return 0

@@ -86,6 +86,9 @@ class ServerConfig:
     event_log: Path | None = None
     # Requests handed to one engine at a time; None: what the engine says it batches (max_running).
     engine_capacity: int | None = None
+    # Sizing passed to every worker as --name value (max_running, token_budget, kv_cache_mb,
+    # gpu_memory_utilization); see `parrot-nb serve --help`.
+    engine_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,6 +331,8 @@ class EngineServer:
             "--model", self.config.model,
             "--device", self.config.device,
         ]  # fmt: skip
+        for name, value in sorted(self.config.engine_options.items()):
+            cmd += [f"--{name.replace('_', '-')}", value]
         # The key travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
         if self.config.device == "cuda":

@@ -14,7 +14,8 @@ from parrot_nb.function import SemanticFunction
 from parrot_nb.template import TemplateError
 
 PARROT_USAGE = """\
-%parrot start [--model tiny] [--device cpu|cuda] [--port P] [--engines N]
+%parrot start [--model tiny|DIR] [--device cpu|cuda] [--port P] [--engines N]
+              [--max-running N] [--token-budget N] [--kv-cache-mb N] [--gpu-memory-utilization F]
                           start an engine server in the background and connect
 %parrot connect [CONNECTION_FILE]
                           attach to a running server (default: the newest one)
@@ -102,13 +103,18 @@ class ParrotMagics(Magics):
         parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         parser.add_argument("--port", type=int, default=None)
         parser.add_argument("--engines", type=int, default=1)
+        parser.add_argument("--max-running", type=int, default=None)
+        parser.add_argument("--token-budget", type=int, default=None)
+        parser.add_argument("--kv-cache-mb", type=int, default=None)
+        parser.add_argument("--gpu-memory-utilization", type=float, default=None)
         try:
             args, unknown = parser.parse_known_args(words)
         except argparse.ArgumentError as exc:
             raise ValueError(f"%parrot start: {exc}\n{PARROT_USAGE}") from None
         if unknown:
             raise ValueError(f"%parrot start: unknown argument(s) {' '.join(unknown)}\n{PARROT_USAGE}")
-        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines)
+        sizing = {name: getattr(args, name) for name in session.ENGINE_SIZING}
+        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines, **sizing)
         print(
             f"engine server started (pid {client.info.pid}, model {args.model}, device {args.device}, "
             f"{args.engines} engine{'s' if args.engines != 1 else ''}); log: {session.server_log()}"

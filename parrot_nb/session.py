@@ -55,6 +55,9 @@ def require_client() -> Client:
     return client
 
 
+ENGINE_SIZING = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization")
+
+
 def start(
     model: str = "tiny",
     device: str = "cpu",
@@ -62,8 +65,13 @@ def start(
     engines: int = 1,
     timeout: float = 120.0,
     event_log: str | os.PathLike[str] | None = None,
+    **engine_sizing: int | float,
 ) -> Client:
-    """Spawn an engine server in the background (detached) and connect to it."""
+    """Spawn an engine server in the background (detached) and connect to it.
+
+    ``engine_sizing`` takes the server's engine flags by name: max_running, token_budget,
+    kv_cache_mb, gpu_memory_utilization (see ``parrot-nb serve --help``).
+    """
     global _server, _log_file
     if current_client() is not None:
         raise RuntimeError(
@@ -80,6 +88,11 @@ def start(
         cmd += ["--port", str(port)]
     if event_log is not None:
         cmd += ["--event-log", str(event_log)]
+    for name, value in engine_sizing.items():
+        if name not in ENGINE_SIZING:
+            raise TypeError(f"start() got an unknown engine option {name!r}; expected one of {', '.join(ENGINE_SIZING)}")
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
     with open(log_file, "ab") as log:
         # A new session: the server outlives an interrupted cell and is not hit by the kernel's SIGINT.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

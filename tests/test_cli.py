@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from engine_server.protocol import Status
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,7 +21,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_serve_help_describes_the_server_options() -> None:
     out = _cli("serve", "--help")
     assert out.returncode == 0
-    for flag in ("--model", "--device", "--engines", "--port", "--connection-file", "--event-log"):
+    for flag in ("--model", "--device", "--engines", "--port", "--connection-file", "--event-log",
+                 "--max-running", "--token-budget", "--kv-cache-mb", "--gpu-memory-utilization"):  # fmt: skip
         assert flag in out.stdout
 
 
@@ -46,3 +50,31 @@ def test_stop_ends_the_server(server_process) -> None:
     out = _cli("stop", str(server_process.connection_file))
     assert out.returncode == 0, out.stderr
     assert server_process.proc.wait(30) == 0
+
+
+def test_serve_rejects_a_bad_engine_size_before_starting() -> None:
+    out = _cli("serve", "--max-running", "0")
+    assert out.returncode == 2
+    assert "--max-running: must be at least 1, got 0" in out.stderr
+
+
+def test_engine_sizing_flags_reach_every_engine(tmp_path) -> None:
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess(tmp_path, "--engines", "2", "--max-running", "3", "--kv-cache-mb", "4")
+    try:
+        client = server.client()
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                engines = client.call(Status(), timeout=10).engines
+                if len(engines) == 2 and all(e.state == "ready" and e.kv_blocks_total for e in engines):
+                    break
+                assert time.monotonic() < deadline, engines
+                time.sleep(0.2)
+        finally:
+            client.close()
+        # The tiny model keeps 2 KiB of K/V per token: 4 MiB hold 128 blocks of 16 tokens.
+        assert [(e.capacity, e.kv_blocks_total) for e in engines] == [(3, 128), (3, 128)]
+    finally:
+        server.stop()

@@ -318,6 +318,25 @@ def test_parrot_start_status_stop(ip, capsys):
         _cleanup_session()
 
 
+def test_parrot_start_passes_engine_sizing_to_the_server(ip, capsys):
+    ip.run_line_magic("parrot", "start --max-running 5 --kv-cache-mb 2")
+    try:
+        deadline = time.monotonic() + 120
+        while not (engines := session.status().engines) or engines[0].kv_blocks_total == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert (engines[0].capacity, engines[0].kv_blocks_total) == (5, 64)  # 2 MiB / 32 KiB blocks
+    finally:
+        ip.run_line_magic("parrot", "stop")
+        _cleanup_session()
+
+
+def test_parrot_start_with_a_bad_engine_size_shows_the_servers_reason(ip):
+    with pytest.raises(session.ServerStartError, match="--max-running: must be at least 1"):
+        ip.run_line_magic("parrot", "start --max-running 0")
+    assert session.current_client() is None
+
+
 def test_parrot_start_with_bad_option_raises_value_error_with_usage(ip):
     with pytest.raises(ValueError, match="--engines N"):
         ip.run_line_magic("parrot", "start --device tpu")

@@ -100,8 +100,12 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
 
 
 class Worker:
-    def __init__(self, endpoint: str, engine_id: int, model: str, device: str, key: bytes, server_pid: int) -> None:
+    def __init__(
+        self, endpoint: str, engine_id: int, model: str, device: str, key: bytes, server_pid: int,
+        engine_options: dict | None = None,
+    ) -> None:  # fmt: skip
         self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
+        self.engine_options = engine_options or {}
         self.server_pid = server_pid
         self.engine: Engine | None = None
         self.ctx = zmq.Context()
@@ -117,7 +121,7 @@ class Worker:
     def load(self) -> bool:
         """Build the engine; on failure tell the server why (it will not restart us) and return False."""
         try:
-            self.engine = build_engine(self.model_name, self.device)
+            self.engine = build_engine(self.model_name, self.device, **self.engine_options)
         except Exception as exc:
             log.error("engine %d could not start:\n%s", self.engine_id, traceback.format_exc())
             self.send(WorkerStartFailed(self.engine_id, os.getpid(), f"{type(exc).__name__}: {exc}"))
@@ -241,10 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-id", type=int, required=True)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-running", type=int)
+    parser.add_argument("--token-budget", type=int)
+    parser.add_argument("--kv-cache-mb", type=int)
+    parser.add_argument("--gpu-memory-utilization", type=float)
     args = parser.parse_args(argv)
+    options = {
+        name: getattr(args, name)
+        for name in ("max_running", "token_budget", "gpu_memory_utilization")
+        if getattr(args, name) is not None
+    }
+    if args.kv_cache_mb is not None:
+        options["kv_cache_bytes"] = args.kv_cache_mb * 2**20
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     key = os.environ.get("PARROT_NB_KEY", "").encode()
-    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid)
+    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid, options)
     try:
         if not worker.load():
             return 1
