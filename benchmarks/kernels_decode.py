@@ -148,7 +148,8 @@ def calibrate(results: list[dict]) -> tuple[float, float]:
 def constants() -> str:
     from kernels import prefill, shared_prefix
 
-    names = {shared_prefix: ("GROUP_BLOCK_M", "GROUP_WARPS", "SUFFIX_BLOCK_M", "BLOCK_N", "STAGES", "MIN_CHUNK", "PROGRAMS_PER_SM"),
+    names = {shared_prefix: ("GROUP_BLOCK_M", "GROUP_WARPS", "SUFFIX_BLOCK_M", "BLOCK_N", "STAGES", "MIN_CHUNK", "PROGRAMS_PER_SM",
+                             "PREFETCH", "FUSED", "MERGE_HEADS"),
              prefill: ("BLOCK_M", "BLOCK_N", "WARPS", "STAGES")}
     return "; ".join(
         f"{module.__name__.split('.')[-1]}: " + ", ".join(f"{n}={getattr(module, n)}" for n in ns) for module, ns in names.items()

@@ -33,7 +33,7 @@ SHARED_GRID = {
     "GROUP_WARPS": [4, 8],
     "BLOCK_N": [64, 128],
     "STAGES": [2, 3],
-    "PROGRAMS_PER_SM": [4, 8],
+    "PROGRAMS_PER_SM": [2, 4],
 }
 PREFILL_GRID = {"BLOCK_M": [64, 128], "BLOCK_N": [64], "WARPS": [4, 8], "STAGES": [2, 3]}
 

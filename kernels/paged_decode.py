@@ -3,8 +3,11 @@
 One program reads one KV head of one sequence over one split of its context, for all the query
 heads that share that KV head (GQA heads are the M rows of a tensor-core dot), so each KV byte is
 read once. Long contexts at small batch are split so the GPU has enough programs; the splits'
-partials are merged by log-sum-exp in a second kernel. Everything about the launch depends only
-on tensor shapes, so a call can be captured in a CUDA graph. Block sizes are fixed, not
+partials are merged by log-sum-exp in the same launch, by whichever live split of a (sequence, KV
+head) finishes last (an atomic count that split resets). The split count depends only on tensor
+shapes, so a call can be captured in a CUDA graph; at run time a split past the context exits at
+once and a context that fits one split writes its output directly, so a block table padded for
+the graph costs little at short contexts. Block sizes are fixed, not
 autotuned, because autotuning would time kernels (and synchronise) on the first call.
 """
 
@@ -22,47 +25,119 @@ from .partials import LOG2E, attend_paged_range, dot_options, merge_partials
 BLOCK_N = 64  # tokens per inner step
 MIN_SPLIT = 256  # fewest tokens worth a split of their own
 PROGRAMS_PER_SM = 2  # split until about this many programs per SM are in flight
+PREFETCH = True  # load the next step's block ids one step ahead (see attend_paged_range)
+MERGE_IN_KERNEL = True  # the last split of a (sequence, KV head) merges; False: a separate merge launch
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, count_ptr,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
     stride_ms, stride_as, stride_ah, stride_ob, stride_oh,
-    qk_scale, split_len,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, PAGE: tl.constexpr,
+    qk_scale, split_len, n_kv_heads,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_S: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    """One (sequence, KV head, split). With ``MERGE`` a split past the context does nothing, a
+    context that fits one split is written out directly, and otherwise the last live split to
+    finish (an atomic count per sequence and KV head, reset by that split) merges the partials."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context = tl.load(lens_ptr + b)
     start = split * split_len
-    end = tl.minimum(context, start + split_len)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + offs_h
     live = offs_h < GROUP
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=live[:, None], other=0.0)
-    q = q.to(k_cache_ptr.dtype.element_ty)
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    m, l, acc = attend_paged_range(
-        q, m, l, acc, k_cache_ptr, v_cache_ptr, tables_ptr + b * stride_tb, start, end, kv_head,
-        stride_kb, stride_ko, stride_kh, qk_scale,
-        PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
-    )
-    if SPLITS == 1:
-        out = acc / l[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+    if MERGE:
+        active = start < context
     else:
-        slot = b * SPLITS + split
-        tl.store(m_ptr + slot * stride_ms + heads, m, mask=live)
-        tl.store(l_ptr + slot * stride_ms + heads, l, mask=live)
-        tl.store(acc_ptr + slot * stride_as + heads[:, None] * stride_ah + offs_d[None, :], acc, mask=live[:, None])
+        active = start >= 0  # every split writes a partial (empty ones too) for the merge launch
+    if active:
+        end = tl.minimum(context, start + split_len)
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=live[:, None], other=0.0)
+        q = q.to(k_cache_ptr.dtype.element_ty)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+        m, l, acc = attend_paged_range(
+            q, m, l, acc, k_cache_ptr, v_cache_ptr, tables_ptr + b * stride_tb, start, end, kv_head,
+            stride_kb, stride_ko, stride_kh, qk_scale,
+            PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+            PREFETCH=PREFETCH,
+        )
+        n_live = tl.cdiv(context, split_len)
+        if SPLITS == 1:
+            direct = n_live >= 1
+        elif MERGE:
+            direct = n_live == 1
+        else:
+            direct = n_live < 0
+        if direct:
+            out = acc / l[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+        else:
+            slot = b * SPLITS + split
+            tl.store(m_ptr + slot * stride_ms + heads, m, mask=live)
+            tl.store(l_ptr + slot * stride_ms + heads, l, mask=live)
+            tl.store(acc_ptr + slot * stride_as + heads[:, None] * stride_ah + offs_d[None, :], acc, mask=live[:, None])
+            if MERGE:
+                # Every thread's partial is stored before the count says so (release); the last
+                # split reads the others' after its acquire, from L2 (.cg: not a stale L1 line).
+                tl.debug_barrier()
+                counter = count_ptr + b * n_kv_heads + kv_head
+                done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if done == n_live - 1:
+                    tl.store(counter, 0)
+                    _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, b, kv_head, n_live,
+                                  stride_ms, stride_as, stride_ah, stride_ob, stride_oh,
+                                  GROUP=GROUP, SPLITS=SPLITS, BLOCK_S=BLOCK_S, HEAD_DIM=HEAD_DIM)
+
+
+@triton.jit
+def _merge_splits(
+    m_ptr, l_ptr, acc_ptr, out_ptr, b, kv_head, n_live,
+    stride_ms, stride_as, stride_ah, stride_ob, stride_oh,
+    GROUP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """out for the query heads of one (sequence, KV head) from its first ``n_live`` split partials:
+    head by head, all splits of a head in one load (the loads of all heads are independent)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_s < n_live
+    slots = b * SPLITS + offs_s
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        ms = tl.load(m_ptr + slots * stride_ms + head, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(l_ptr + slots * stride_ms + head, mask=ok, other=0.0, cache_modifier=".cg")
+        ac = tl.load(acc_ptr + slots[:, None] * stride_as + head * stride_ah + offs_d[None, :],
+                     mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        w = tl.exp2(ms - tl.max(ms, 0))
+        out = tl.sum(ac * w[:, None], 0) / tl.sum(ls * w, 0)
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head); the kernel leaves them zero again.
+
+    Kept per device and reused, so a CUDA graph captures no memset; first made outside a capture
+    when possible (a buffer made inside one belongs to that graph and is not kept)."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= n:
+        return have
+    size = max(n, 4096)
+    fresh = torch.zeros(size, dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[device] = fresh
+    return fresh
 
 
 @lru_cache(maxsize=None)
@@ -109,22 +184,27 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    merge = MERGE_IN_KERNEL and splits > 1
     if splits > 1:
         m = torch.empty(batch * splits, n_heads, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
         acc = torch.empty(batch * splits, n_heads, head_dim, device=q.device, dtype=torch.float32)
     else:
         m = l = acc = out  # unused: the kernel writes the output directly
+    counters = _split_counters(q.device, batch * n_kv_heads) if merge else m
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    block_h = max(16, triton.next_power_of_2(group))
+    block_s = max(2, triton.next_power_of_2(splits))
     _paged_decode_kernel[(batch, n_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, m, l, acc, out,
+        q, k_cache, v_cache, block_tables, context_lens, m, l, acc, out, counters,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         m.stride(0), acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E, split_len,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), SPLITS=splits, PAGE=page,
-        HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, **dot_options(k_cache),
+        scale * LOG2E, split_len, n_kv_heads,
+        GROUP=group, BLOCK_H=block_h, SPLITS=splits, MERGE=merge,
+        BLOCK_S=block_s, PAGE=page,
+        HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, **dot_options(k_cache), PREFETCH=PREFETCH,
         num_warps=4, num_stages=2,
     )
-    if splits > 1:
+    if splits > 1 and not merge:
         merge_partials(m, l, acc, out, splits=splits)
     return out

@@ -25,22 +25,30 @@ def attend_paged_range(
     stride_kb, stride_ko, stride_kh,
     qk_scale,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Fold tokens ``[start, end)`` of one block table row into the partial ``(m, l, acc)`` of ``q``.
 
     ``q`` is ``[M, HEAD_DIM]`` (any rows that read the same KV head: the GQA heads of one sequence,
     or those times a group of sequences sharing these blocks); ``qk_scale`` includes ``log2(e)``.
+    With ``PREFETCH`` each step loads the next step's block ids, so a step's K/V addresses are
+    known when it starts and the K/V loads do not wait behind a block-table round trip.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if DOT_FP32:
         q = q.to(tl.float32)
+    if PREFETCH:
+        block = tl.load(table_ptr + (start + offs_n) // PAGE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         valid = pos < end
-        block = tl.load(table_ptr + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        row = block * stride_kb + (pos % PAGE) * stride_ko + kv_head * stride_kh
+        if PREFETCH:
+            row = block.to(tl.int64) * stride_kb + (pos % PAGE) * stride_ko + kv_head * stride_kh
+            block = tl.load(table_ptr + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < end, other=0)
+        else:
+            ids = tl.load(table_ptr + pos // PAGE, mask=valid, other=0).to(tl.int64)
+            row = ids * stride_kb + (pos % PAGE) * stride_ko + kv_head * stride_kh
         k = tl.load(k_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_cache_ptr + row[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         if DOT_FP32:
@@ -63,15 +71,16 @@ def attend_paged_range(
 def _merge_partials_kernel(
     m_ptr, l_ptr, acc_ptr, slot_ptr, out_ptr,
     stride_ms, stride_as, stride_ah, stride_ob, stride_oh,
-    N_HEADS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """out[b, h] from the partials in slots ``[first, first + n)`` of sequence b.
+    """out[b, h] for ``HEADS`` consecutive heads from the partials in slots ``[first, first + n)`` of sequence b.
 
     With ``SPLITS > 0`` sequence b owns slots ``b * SPLITS ...``; otherwise ``slot_ptr`` holds
-    offsets (CSR). Two passes over the slots: the max, then the weighted sums.
+    offsets (CSR). One pass over the slots, ``BLOCK_S`` at a time (m, l and acc loaded together),
+    rescaling the running sums when the max grows.
     """
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
     if SPLITS > 0:
         first = b * SPLITS
         count = SPLITS
@@ -80,42 +89,46 @@ def _merge_partials_kernel(
         count = tl.load(slot_ptr + b + 1) - first
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for i in range(0, count, BLOCK_S):
-        slot = first + i + offs_s
-        mi = tl.load(m_ptr + slot * stride_ms + h, mask=i + offs_s < count, other=float("-inf"))
-        m_max = tl.maximum(m_max, mi)
-    top = tl.max(m_max, 0)
-    l_sum = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for i in range(0, count, BLOCK_S):
-        slot = first + i + offs_s
-        live = i + offs_s < count
-        mi = tl.load(m_ptr + slot * stride_ms + h, mask=live, other=float("-inf"))
-        li = tl.load(l_ptr + slot * stride_ms + h, mask=live, other=0.0)
-        w = tl.exp2(mi - top)  # an empty partial has m = -inf, so weight 0
-        ai = tl.load(acc_ptr + slot[:, None] * stride_as + h * stride_ah + offs_d[None, :], mask=live[:, None], other=0.0)
-        l_sum += li * w
-        acc += tl.sum(ai * w[:, None], 0)
-    out = acc / tl.sum(l_sum, 0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    for g in tl.static_range(HEADS):
+        h = h0 + g
+        top = tl.full([1], float("-inf"), tl.float32)
+        l_sum = tl.zeros([1], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for i in range(0, count, BLOCK_S):
+            slot = first + i + offs_s
+            live = i + offs_s < count
+            mi = tl.load(m_ptr + slot * stride_ms + h, mask=live, other=float("-inf"))
+            li = tl.load(l_ptr + slot * stride_ms + h, mask=live, other=0.0)
+            ai = tl.load(acc_ptr + slot[:, None] * stride_as + h * stride_ah + offs_d[None, :], mask=live[:, None], other=0.0)
+            new_top = tl.maximum(top, tl.max(mi, 0))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            scale = tl.exp2(top - safe)
+            w = tl.exp2(mi - safe)  # an empty partial has m = -inf, so weight 0
+            l_sum = l_sum * scale + tl.sum(li * w, 0)
+            acc = acc * scale + tl.sum(ai * w[:, None], 0)
+            top = new_top
+        out = acc / l_sum
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def merge_partials(
     m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor,
-    splits: int = 0, slot_offsets: torch.Tensor | None = None,
+    splits: int = 0, slot_offsets: torch.Tensor | None = None, *,
+    max_slots: int = 16, heads_per_program: int = 1,
 ) -> None:
     """Merge partials ``m``/``l`` ``[slots, H]``, ``acc`` ``[slots, H, D]`` into ``out`` ``[B, H, D]``.
 
-    Either every sequence owns ``splits`` consecutive slots, or ``slot_offsets`` ``[B + 1]`` says which.
+    Either every sequence owns ``splits`` consecutive slots, or ``slot_offsets`` ``[B + 1]`` says
+    which (then ``max_slots``, the most any sequence owns, sizes the step). ``heads_per_program``
+    (a divisor of H) heads are merged by one program.
     """
     n_seqs, n_heads, head_dim = out.shape
-    per_seq = splits if splits > 0 else 16
-    _merge_partials_kernel[(n_seqs, n_heads)](
+    per_seq = splits if splits > 0 else max_slots
+    _merge_partials_kernel[(n_seqs, n_heads // heads_per_program)](
         m, l, acc, slot_offsets if slot_offsets is not None else m, out,
         m.stride(0), acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
-        N_HEADS=n_heads, SPLITS=splits, HEAD_DIM=head_dim,
-        BLOCK_S=min(32, max(2, triton.next_power_of_2(per_seq))),
+        SPLITS=splits, HEAD_DIM=head_dim, BLOCK_S=min(32, max(2, triton.next_power_of_2(per_seq))),
+        HEADS=heads_per_program,
     )
 
 

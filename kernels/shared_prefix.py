@@ -7,8 +7,9 @@ prompt shared by all and a document shared by some) on the host. The kernel then
 *items*: a range of tokens read by a set of sequences. For a group's prefix the item's M rows are
 the group's sequences times the query heads of one KV head, stacked into one tensor-core dot, so
 the prefix is read once per tile of up to ``BLOCK_M`` rows instead of once per sequence; each
-sequence's own suffix is an item of one sequence. Items write partials, and a last kernel merges
-each sequence's partials by log-sum-exp (see ``partials``).
+sequence's own suffix is an item of one sequence. One launch runs every item (group items first,
+suffix items filling in behind them); items write partials, and a last kernel merges each
+sequence's partials by log-sum-exp (see ``partials``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ GROUP_BLOCK_M = 64  # rows of a group item: sequences x query heads per KV head
 GROUP_WARPS = 4
 SUFFIX_BLOCK_M = 16  # rows of a suffix item: the query heads of one KV head (the dot's minimum)
 BLOCK_N = 64  # tokens per inner step
-STAGES = 2
+STAGES = 3
 MIN_CHUNK = 256  # fewest tokens an item is split down to
-PROGRAMS_PER_SM = 4  # split ranges until the launch has about this many programs per SM
+PROGRAMS_PER_SM = 2  # split ranges until the launch has about this many programs per SM
+PREFETCH = True  # load the next step's block ids one step ahead (see partials.attend_paged_range)
+MERGE_HEADS = 1  # query heads (of one KV head) one merge program takes (1 measured fastest)
+FUSED = True  # group and suffix items in one launch (False: two launches, group items first)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class SharedPrefixLaunch:
     n_group_items: int
     n_suffix_items: int
     n_slots: int
+    max_slots: int = 16  # the most slots one sequence owns
 
 
 def _chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
@@ -175,21 +180,19 @@ def _build_launch(plan: SharedPrefixPlan, device: torch.device, queries_per_kv: 
         n_group_items=n_group_items,
         n_suffix_items=len(items) - n_group_items,
         n_slots=offsets[-1],
+        max_slots=max(len(slots) for slots in per_seq),
     )
 
 
 @triton.jit
-def _shared_prefix_items_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
+def _item_partial(
+    item, kv_head, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
     m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
-    stride_ms, stride_as, stride_ah,
-    qk_scale, first_item,
+    stride_ms, stride_as, stride_ah, qk_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    item = first_item + tl.program_id(0)
-    kv_head = tl.program_id(1)
     seq_offset = tl.load(items_ptr + item * 5)
     n_seqs = tl.load(items_ptr + item * 5 + 1)
     start = tl.load(items_ptr + item * 5 + 2)
@@ -213,10 +216,45 @@ def _shared_prefix_items_kernel(
         q, m, l, acc, k_cache_ptr, v_cache_ptr, tables_ptr + table_row * stride_tb, start, end, kv_head,
         stride_kb, stride_ko, stride_kh, qk_scale,
         PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32,
+        PREFETCH=PREFETCH,
     )
     tl.store(m_ptr + slot * stride_ms + heads, m, mask=live)
     tl.store(l_ptr + slot * stride_ms + heads, l, mask=live)
     tl.store(acc_ptr + slot[:, None] * stride_as + heads[:, None] * stride_ah + offs_d[None, :], acc, mask=live[:, None])
+
+
+@triton.jit
+def _shared_prefix_items_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
+    m_ptr, l_ptr, acc_ptr,
+    stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
+    stride_ms, stride_as, stride_ah,
+    qk_scale, first_program, n_group_items, n_suffix_items, n_kv_heads,
+    GROUP: tl.constexpr, GROUP_M: tl.constexpr, SUFFIX_M: tl.constexpr, PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Programs ``[0, n_group_items * Hkv)`` take group items (KV head-major), the rest suffix
+    items, so the long group items start first and the short suffix items fill in behind them."""
+    pid = first_program + tl.program_id(0)
+    n_group_programs = n_group_items * n_kv_heads
+    if pid < n_group_programs:
+        _item_partial(
+            pid % n_group_items, pid // n_group_items, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr,
+            item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
+            stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah, qk_scale,
+            GROUP=GROUP, BLOCK_M=GROUP_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
+        )
+    else:
+        r = pid - n_group_programs
+        _item_partial(
+            n_group_items + r % n_suffix_items, r // n_suffix_items, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
+            items_ptr, item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
+            stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah, qk_scale,
+            GROUP=GROUP, BLOCK_M=SUFFIX_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
+        )
 
 
 def shared_prefix_decode_attention(
@@ -247,19 +285,22 @@ def shared_prefix_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         m.stride(0), acc.stride(0), acc.stride(1), scale * LOG2E,
     )
-    options = dict(GROUP=group, PAGE=page, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, **dot_options(k_cache))
-    if launch.n_group_items:
-        block_m = max(GROUP_BLOCK_M, triton.next_power_of_2(group))
-        _shared_prefix_items_kernel[(launch.n_group_items, n_kv_heads)](
-            *common, 0, BLOCK_M=block_m, **options, num_warps=GROUP_WARPS, num_stages=STAGES
-        )
-    if launch.n_suffix_items:
-        block_m = max(SUFFIX_BLOCK_M, triton.next_power_of_2(group))
-        _shared_prefix_items_kernel[(launch.n_suffix_items, n_kv_heads)](
-            *common, launch.n_group_items, BLOCK_M=block_m, **options, num_warps=4, num_stages=STAGES
-        )
+    options = dict(
+        GROUP=group, GROUP_M=max(GROUP_BLOCK_M, triton.next_power_of_2(group)),
+        SUFFIX_M=max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=head_dim,
+        BLOCK_N=BLOCK_N, PREFETCH=PREFETCH, **dot_options(k_cache), num_warps=GROUP_WARPS, num_stages=STAGES,
+    )
+    n_group_programs = launch.n_group_items * n_kv_heads
+    n_programs = n_group_programs + launch.n_suffix_items * n_kv_heads
+    counts = (launch.n_group_items, launch.n_suffix_items, n_kv_heads)
+    if FUSED or not n_group_programs or n_programs == n_group_programs:
+        _shared_prefix_items_kernel[(n_programs,)](*common, 0, *counts, **options)
+    else:
+        _shared_prefix_items_kernel[(n_group_programs,)](*common, 0, *counts, **options)
+        _shared_prefix_items_kernel[(n_programs - n_group_programs,)](*common, n_group_programs, *counts, **options)
     out = torch.empty_like(q)
-    merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets)
+    merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets, max_slots=launch.max_slots,
+                   heads_per_program=math.gcd(group, MERGE_HEADS))
     return out
 
 

@@ -196,6 +196,22 @@ def test_paged_decode_splits_give_the_unsplit_answer() -> None:
         close(kernels.paged_decode_attention(*args, num_splits=splits), whole)
 
 
+def test_paged_decode_skips_empty_splits_and_leaves_its_split_counters_at_zero() -> None:
+    """Splits past a short context do nothing; the last live split merges and resets its count."""
+    from kernels import paged_decode
+
+    pool = Pool(48, 16, 2, 64, torch.float32, seed=7)
+    blocks = [pool.blocks(24), pool.blocks(24), pool.blocks(1)]
+    q = pool.queries(3, 8, 64, torch.float32)
+    for context in ([5, 380, 16], [384, 200, 1], [1, 1, 1]):
+        args = (q, pool.k, pool.v, table(blocks), lens(context))
+        expected = reference.reference_paged_decode_attention(*args)
+        for _ in range(2):  # a second call finds the counters as the first left them
+            close(kernels.paged_decode_attention(*args, num_splits=6), expected)
+    counters = paged_decode._COUNTERS[q.device]
+    assert int(counters.abs().sum()) == 0
+
+
 # --- shared-prefix planning -------------------------------------------------------------------
 
 
