@@ -306,10 +306,12 @@ def shared_prefix_decode_attention(
 
 # Calibrated on the H200 (benchmarks/results/kernels_decode.md): the shared kernel pays off once
 # paged decode would read this many times the tokens it reads, and the reads it saves outweigh
-# its extra launches (about 30 us of fixed cost against paged decode's 15). Over the 56 measured
-# batches these pick shared exactly where it ran at >= 0.95x of paged and saved the most time.
-MIN_READ_RATIO = 1.9
-MIN_SAVED_BYTES = 250e6
+# its fixed cost (two launches, about 20 us against paged decode's 14). Over the 56 measured
+# batches a read ratio of 4 picks shared exactly where it ran at >= 0.95x of paged (every pick
+# ran at >= 1.1x); the least saving among those picks was 63 MB, so 50 MB keeps smaller batches,
+# which the benchmark did not measure, on paged decode.
+MIN_READ_RATIO = 4.0
+MIN_SAVED_BYTES = 50e6
 
 
 def choose_decode_kernel(
