@@ -148,9 +148,17 @@ def format_status(st: ServerStatus) -> str:
     """A server's status as the lines `%parrot status` and `parrot-nb status` print."""
     lines = [f"engine server {st.server_version}, pid {st.pid}, up {st.uptime_s:.0f} s, model {st.model} on {st.device}"]
     for e in st.engines:
-        lines.append(f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}, finished {e.finished}")
+        line = f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}"
+        line += f"/{e.capacity}" if e.capacity else ""
+        line += f", finished {e.finished}"
+        if e.kv_blocks_total:
+            line += f", KV blocks {e.kv_blocks_used}/{e.kv_blocks_total}, {e.cached_keys} cached contexts"
+        lines.append(line)
     for a in st.apps:
-        lines.append(f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed")
+        line = f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed"
+        if a.prompt_tokens:
+            line += f", {a.cached_tokens}/{a.prompt_tokens} prompt tokens from cache ({a.cached_tokens / a.prompt_tokens:.0%})"
+        lines.append(line)
     lines.append(f"  queued: {st.queued}")
     return "\n".join(lines)
 

@@ -47,3 +47,17 @@ def test_same_prompt_twice_is_served_from_the_cached_context(server):
     finished = [e for e in server.events() if e["type"] == "RequestFinished"][-2:]
     assert finished[0]["cached_tokens"] == 0
     assert finished[1]["cached_tokens"] == finished[1]["prompt_tokens"] - 1
+
+
+def test_status_shows_engine_capacity_kv_use_and_cache_hits(server):
+    from parrot_nb.session import format_status
+
+    f = SemanticFunction.from_template("status_probe", "Another shared preamble for the status line. {{output:x max_tokens=2}}")
+    with parrot_nb.app("status-app"):
+        f().get(timeout=120)
+        f().get(timeout=120)
+    text = format_status(parrot_nb.status())
+    engine_line = next(line for line in text.splitlines() if line.startswith("  engine 0:"))
+    assert "running 0/16" in engine_line and "KV blocks" in engine_line and "cached contexts" in engine_line
+    app_line = next(line for line in text.splitlines() if "app status-app" in line)
+    assert "prompt tokens from cache" in app_line and "from cache (0%)" not in app_line
