@@ -204,7 +204,7 @@ def test_deltas_of_concurrent_requests_interleave_and_concatenate(model, tok):
 
 def test_program_larger_than_the_pool_is_refused_at_once(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=4, block_size=16))
-    with pytest.raises(ValueError, match="pool holds 64"):
+    with pytest.raises(ValueError, match=r"71 tokens of KV, 6 blocks .* pool has 4"):
         engine.add("big", [TextSegment("x" * 50), gen(20)])
     assert not engine.has_work()
 
@@ -215,3 +215,58 @@ def test_duplicate_request_id_is_refused(model, tok):
     with pytest.raises(ValueError, match="already"):
         engine.add("same", [TextSegment("b"), gen(2)])
     drain(engine)
+
+
+def test_a_lone_sequence_forked_from_nested_contexts_gets_the_whole_pool(model, tok):
+    # The pool fits the request only if the contexts it forked are evicted too; it must
+    # let go of them instead of preempting itself forever.
+    # A 21-token budget ends the first chunk right at "sys", so "sys" keeps the partial
+    # block as it was and the sequence copies it: the two contexts hold 4 blocks between them.
+    engine = Engine(model, tok, EngineConfig(num_blocks=6, token_budget=21))
+    s, d = "s" * 20, "d" * 20
+    engine.run([TextSegment(s, "sys"), TextSegment(d, "doc"), gen(1)])
+    assert set(engine.cache.contexts) == {"sys", "doc"} and engine.pool.num_used == 4
+    result = engine.run([TextSegment(s, "sys"), TextSegment(d, "doc"), TextSegment("x" * 30), gen(1)])
+    assert result.cached_tokens == 1 + 40
+    assert result.outputs["a"] == greedy_text(model, tok, s + d + "x" * 30, 1)
+    assert_pool_whole(engine)
+
+
+def test_an_output_with_nothing_before_it_is_refused_when_the_model_has_no_bos(model):
+    no_bos = ByteTokenizer()
+    no_bos.add_bos = False
+    engine = Engine(model, no_bos, EngineConfig(num_blocks=16))
+    for program in ([TextSegment(""), gen(2)], [gen(2), TextSegment("x"), GenSegment("b")]):
+        with pytest.raises(ValueError, match="empty context"):
+            engine.add("r", program)
+    assert not engine.has_work()
+    assert engine.run([TextSegment("x"), gen(2)]).output_tokens == {"a": 2}
+
+
+def test_after_a_failed_step_finished_results_arrive_and_queued_requests_still_run(model, tok):
+    class FailsOnce:
+        """The real model, except that one forward raises (a device error, say)."""
+
+        armed = False
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, *args):
+            if FailsOnce.armed:
+                FailsOnce.armed = False
+                raise RuntimeError("injected forward failure")
+            return model(*args)
+
+    engine = Engine(FailsOnce(), tok, EngineConfig(num_blocks=32, max_running=1))
+    engine.add("no-outputs", [TextSegment("nothing to generate")])
+    engine.add("running", [TextSegment("first"), gen(3)])
+    engine.add("queued", [TextSegment("second"), gen(3)])
+    FailsOnce.armed = True
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert engine.reset() == ["running"]
+    results, _ = drain(engine)
+    assert set(results) == {"no-outputs", "queued"}
+    assert results["queued"].outputs["a"] == greedy_text(model, tok, "second", 3)
+    assert_pool_whole(engine)

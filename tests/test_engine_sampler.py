@@ -99,3 +99,9 @@ def test_low_temperature_sharpens_towards_argmax():
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     got = draws(SamplingParams(temperature=0.1, seed=0), logits, 200)
     assert got.count(0) > 190
+
+
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    sampler = Sampler(SamplingParams(temperature=1e-45, seed=0))
+    assert [sampler.sample(logits) for _ in range(5)] == [1] * 5

@@ -48,9 +48,6 @@ class DecodeGraphs:
         self.pool = None  # the graphs' shared memory pool
         self.captured = False
 
-    def can_run(self, batch: int) -> bool:
-        return batch <= self.max_batch
-
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slots[:b],
@@ -91,6 +88,9 @@ class DecodeGraphs:
             self.capture()
         b = len(seqs)
         size = next(s for s in self.sizes if s >= b)
+        # The pinned buffer is rewritten while the previous step's copy from it might be in
+        # flight; that cannot happen here, because every step ends by reading its sampled
+        # tokens back to the host, which waits for the stream.
         host = self.host_tables
         rows = self.host_rows  # a numpy view of the pinned buffer: row writes without tensor objects
         rows[:size] = 0

@@ -272,12 +272,17 @@ class Engine:
         segments = list(segments[: last_gen + 1])
         program: list[tuple[Segment, list[int]]] = []
         prompt = 1 if self._add_bos() else 0
+        before_first_output: int | None = None  # tokens the first output is conditioned on
         for i, seg in enumerate(segments):
             if isinstance(seg, TextSegment):
-                ids = self._encode(seg.text, first=prompt == 0 and i == 0)
+                # The opening text is encoded as text that starts a document; later pieces as
+                # continuations (no sentencepiece-style leading space of their own).
+                ids = self._encode(seg.text, first=i == 0)
                 prompt += len(ids)
                 program.append((seg, ids))
             else:
+                if before_first_output is None:
+                    before_first_output = prompt
                 program.append((seg, []))
         max_output = sum(s.params.max_tokens for s in segments if isinstance(s, GenSegment))
         limit = self.model.config.max_seq_len
@@ -286,13 +291,19 @@ class Engine:
                 f"program too long: prompt is {prompt} tokens and outputs may add "
                 f"{max_output} (sum of max_tokens): {prompt + max_output} > max_seq_len {limit}"
             )
-        if self.pool.blocks_for(prompt + max_output) > self.pool.num_blocks:
+        # One block more than the tokens need: a fork may have to copy a shared partial block.
+        need = self.pool.blocks_for(prompt + max_output) + 1
+        if need > self.pool.num_blocks:
             raise ValueError(
-                f"program needs up to {prompt + max_output} tokens of KV but the engine's pool "
-                f"holds {self.pool.num_blocks * self.pool.block_size}; lower max_tokens or give the engine more memory"
+                f"program needs up to {prompt + max_output} tokens of KV, {need} blocks of "
+                f"{self.pool.block_size} with one to spare, but the engine's pool has "
+                f"{self.pool.num_blocks}; lower max_tokens or give the engine more memory"
             )
-        if segments and prompt == 0 and isinstance(segments[0], GenSegment):
-            raise ValueError("an output cannot open a program when the model uses no BOS token: put text first")
+        if before_first_output == 0:
+            raise ValueError(
+                "the first output would start from an empty context (no text before it, and this "
+                "model uses no BOS token): put some text before it"
+            )
         seq = _Sequence(request_id, program, self._order, time.perf_counter())
         self._order += 1
         seq.prompt_tokens = prompt
@@ -319,13 +330,17 @@ class Engine:
         return False
 
     def reset(self) -> list[str]:
-        """Drop every request and cached context; returns the dropped request ids."""
-        dropped = [s.request_id for s in (*self.running, *self.waiting)]
-        for seq in (*self.running, *self.waiting):
+        """After a failed step: drop the running sequences and every cached context.
+
+        Returns the dropped request ids. Waiting requests hold no KV and stay queued;
+        results already produced (Finished events) are still returned by the next step().
+        """
+        dropped = [s.request_id for s in self.running]
+        for seq in self.running:
             self._release(seq)
         self.running.clear()
-        self.waiting.clear()
-        self._pending_events.clear()
+        gone = set(dropped)
+        self._pending_events = [e for e in self._pending_events if e.request_id not in gone]
         self.cache.clear()
         return dropped
 
@@ -366,23 +381,25 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """One iteration: admit, schedule, forward, sample. Returns what happened."""
-        events, self._pending_events = self._pending_events, []
+        # Events collect in _pending_events until the step returns, so results produced
+        # before a failure later in the step are still delivered.
+        events = self._pending_events
         self._admit()
         batch = self._schedule()
-        if not batch:
-            return events
-        self.stats["steps"] += 1
-        decode = [(s, n) for s, n in batch if n == 1 and s.output is not None and s.pending == 1]
-        prefill = [(s, n) for s, n in batch if not (n == 1 and s.output is not None and s.pending == 1)]
-        ordered = decode + prefill
-        logits, sampling = self._forward(ordered, len(decode))
-        for seq, n in ordered:
-            seq.num_computed += n
-            self._register_contexts(seq)
-        if sampling:
-            tokens = self._sample(logits, sampling)
-            for seq, token in zip(sampling, tokens):
-                self._on_token(seq, token, events)
+        if batch:
+            self.stats["steps"] += 1
+            # A decode is one new token of a sequence that samples right after it.
+            decode = [(s, n) for s, n in batch if s.pending == 1 and s.output is not None]
+            prefill = [(s, n) for s, n in batch if not (s.pending == 1 and s.output is not None)]
+            ordered = decode + prefill
+            logits, sampling = self._forward(ordered, len(decode))
+            for seq, n in ordered:
+                seq.num_computed += n
+                self._register_contexts(seq)
+            for seq, token in zip(sampling, self._sample(logits, sampling, events)):
+                if token is not None:
+                    self._on_token(seq, token, events)
+        self._pending_events = []
         return events
 
     # ------------------------------------------------------------ internals
@@ -431,6 +448,7 @@ class Engine:
             for s in self.running
             for key, length in s.boundaries[s.registered :]
         }
+        reclaimable = None
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_running:
                 return
@@ -440,7 +458,10 @@ class Engine:
                 continue
             start = min(cached, len(seq.tokens) - 1)  # the last token must run to give logits
             needed = self.pool.blocks_for(len(seq.tokens)) - self.pool.blocks_for(start) + 1
-            reclaimable = sum(len(c.blocks) for c in self.cache.evictable())
+            if self.running and reclaimable is None:
+                # Blocks eviction would really free: held by an evictable context and no one else.
+                refs = self.pool.refcount
+                reclaimable = sum(1 for c in self.cache.evictable() for b in c.blocks if refs[b] == 1)
             if self.running and needed > self.pool.num_free + reclaimable:
                 return  # wait for room rather than preempt a running sequence to admit this one
             self.waiting.remove(seq)
@@ -450,7 +471,6 @@ class Engine:
                 seq.num_computed = start
                 if seq.scheduled is None:
                     seq.cached_tokens = start
-                self._trim_blocks(seq)
                 seq.registered = sum(1 for _, n in seq.boundaries if n <= len(ctx))
             if seq.scheduled is None:
                 seq.scheduled = time.perf_counter()
@@ -462,9 +482,10 @@ class Engine:
         """Pick (sequence, new tokens) pairs for this forward and make their blocks writable."""
         budget = self.config.token_budget
         batch: list[tuple[_Sequence, int]] = []
+        preempted_before = self.stats["preemptions"]
         # Decodes first (one token each), then prefill chunks, oldest sequences first.
         for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.order)):
-            if seq not in self.running:
+            if self.stats["preemptions"] != preempted_before and seq not in self.running:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
             if n <= 0:
@@ -475,7 +496,10 @@ class Engine:
             budget -= n
             if budget == 0:
                 break
-        return [(s, n) for s, n in batch if s in self.running]
+        if self.stats["preemptions"] == preempted_before:
+            return batch
+        running = set(self.running)
+        return [(s, n) for s, n in batch if s in running]
 
     def _make_room(self, seq: _Sequence, n: int) -> bool:
         """Ensure seq owns writable blocks for its next n positions; evict/preempt as needed."""
@@ -483,6 +507,12 @@ class Engine:
             if self._writable(seq, seq.num_computed, seq.num_computed + n):
                 return True
             if self.cache.evict_one():
+                continue
+            if len(self.running) == 1 and seq.context is not None:
+                # Alone and still short: let go of the context it forked (its own block
+                # references stay) so that context, too, can be evicted.
+                self.cache.unfork(seq.context)
+                seq.context = None
                 continue
             victim = max(self.running, key=lambda s: s.order)
             self._preempt(victim)
@@ -516,8 +546,9 @@ class Engine:
         seq.num_computed = 0
         seq.registered = 0
         self.stats["preemptions"] += 1
-        # Back to the front: it is older than anything still waiting.
-        self.waiting.appendleft(seq)
+        # Back in arrival order (ahead of anything younger that is waiting).
+        at = next((i for i, w in enumerate(self.waiting) if w.order > seq.order), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def _release(self, seq: _Sequence) -> None:
         self.pool.decref(seq.blocks)
@@ -574,7 +605,7 @@ class Engine:
         plan = None
         if decode and self.config.shared_prefix_kernel is not False and self.attention.use_triton:
             plan = self._shared_plan([s for s, _ in decode])
-        if self.graphs is not None and not prefill and plan is None and self.graphs.can_run(len(decode)):
+        if self.graphs is not None and not prefill and plan is None:
             logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size)
             return logits, sampling
 
@@ -627,17 +658,27 @@ class Engine:
             return None
         return plan
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], events: list[Event]) -> list[int | None]:
+        """Next token per sequence (greedy rows batched); a sequence whose sampling fails
+        fails alone (None), the others go on."""
         greedy = [i for i, s in enumerate(seqs) if s.output.params.greedy]
-        out = [0] * len(seqs)
+        out: list[int | None] = [None] * len(seqs)
         if greedy:
             rows = logits[greedy] if len(greedy) < len(seqs) else logits
             for i, t in zip(greedy, torch.argmax(rows, dim=-1).tolist()):
                 out[i] = t
         for i, seq in enumerate(seqs):
             if not seq.output.params.greedy:
-                out[i] = seq.output.sampler.sample(logits[i])
+                try:
+                    out[i] = seq.output.sampler.sample(logits[i])
+                except RuntimeError as exc:
+                    self._fail(seq, f"sampling failed: {exc}", events)
         return out
+
+    def _fail(self, seq: _Sequence, error: str, events: list[Event]) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        events.append(Failed(seq.request_id, error))
 
     def _on_token(self, seq: _Sequence, token: int, events: list[Event]) -> None:
         out = seq.output
@@ -669,11 +710,18 @@ class Engine:
                 reason = "stop"
         if stop_at is not None:
             n = out.kept_tokens(stop_at)
+            # A token that straddles the stop's start is dropped, but the text it carried
+            # before the stop is kept (it may have been streamed already): re-encode it.
+            tail = out.text[(out.ends[n - 1] if n else 0) : stop_at]
             del out.tokens[n:]
-            out.text = out.text[: out.ends[n - 1] if n else 0]
+            out.text = out.text[:stop_at]
             # Roll back so the context holds exactly the kept output.
             del seq.tokens[out.start + n :]
             self._rewind(seq, len(seq.tokens))
+            if tail:
+                tail_ids = self._encode(tail, first=False)
+                out.tokens.extend(tail_ids)
+                seq.tokens.extend(tail_ids)
         self._emit(seq, len(out.text), events)
         seq.outputs[out.key] = out.text
         seq.output_tokens[out.key] = len(out.tokens)

@@ -143,8 +143,8 @@ class ContextCache:
             raise ValueError(f"context {key!r}: {len(tokens)} tokens need {n_blocks} blocks, got {len(blocks)}")
         held = list(blocks[:n_blocks])
         self.pool.incref(held)
-        if parent is not None and parent.key not in self.contexts:
-            parent = None  # evicted meanwhile
+        if parent is not None and self.contexts.get(parent.key) is not parent:
+            parent = None  # evicted meanwhile (perhaps re-inserted since, as another object)
         ctx = Context(key, tuple(tokens), held, parent, last_used=next(self._clock))
         if parent is not None:
             parent.children += 1

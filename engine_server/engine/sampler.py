@@ -78,7 +78,9 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
+        # Shifted so the largest logit is 0: a tiny temperature then sends the others to -inf
+        # instead of overflowing to inf - inf = NaN.
+        logits = (logits.float() - logits.max()) / p.temperature
         if 0 < p.top_k < logits.shape[-1]:
             kth_largest = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth_largest, -math.inf)

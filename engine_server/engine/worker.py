@@ -141,7 +141,9 @@ class Worker:
         )  # fmt: skip
         while True:
             busy = engine.has_work()
-            if self.sock.poll(0 if busy else 1000):
+            # Idle: sleep until a message comes, or until a throttled load report is due.
+            idle_wait = 1000 if self._last_load == self._load_state() else int(LOAD_INTERVAL_S * 1000)
+            if self.sock.poll(0 if busy else idle_wait):
                 if not self.receive():
                     return
             elif not busy and os.getppid() != self.server_pid:  # the server died without stopping us
@@ -183,12 +185,17 @@ class Worker:
         try:
             events = engine.step()
         except Exception as exc:
-            # A failed forward leaves no trustworthy state: fail what was in flight, clear
-            # the cache, and carry on with an empty engine.
+            # A failed forward leaves no trustworthy state: fail what was running, clear the
+            # cache, and carry on (queued requests stay queued).
             log.error("engine %d: step failed:\n%s", self.engine_id, traceback.format_exc())
             error = f"engine step failed: {type(exc).__name__}: {exc}"
             for rid in engine.reset():
                 self.send(WorkerFailed(rid, error))
+            if not device_usable(self.device):
+                # A CUDA error is sticky: every later step would fail too. Exit, so the
+                # server restarts this engine and requeues its requests.
+                log.error("engine %d: the device is unusable after that error; exiting", self.engine_id)
+                raise SystemExit(1) from exc
             return
         for ev in events:
             if isinstance(ev, Delta):
@@ -205,6 +212,9 @@ class Worker:
             elif isinstance(ev, Failed):
                 self.send(WorkerFailed(ev.request_id, ev.error))
 
+    def _load_state(self) -> tuple:
+        return tuple(self.engine.load().values())
+
     def report_load(self) -> None:
         """Send WorkerLoad when the load changed (throttled) or contexts were evicted."""
         engine = self.engine
@@ -219,6 +229,20 @@ class Worker:
 
     def close(self) -> None:
         self.ctx.destroy(linger=1000)
+
+
+def device_usable(device: str) -> bool:
+    """Whether the device still runs work (after a CUDA error it may not)."""
+    if not device.startswith("cuda"):
+        return True
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception:
+        return False
+    return True
 
 
 def die_with_parent() -> None:
