@@ -232,10 +232,18 @@ class Engine:
             return
         if self.graphs is not None and not self.graphs.captured:
             self.graphs.capture()
-        params = SamplingParams(max_tokens=2, ignore_eos=True)
-        text = " ".join(["0"] * 40)  # tokenizes under any vocabulary
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        text = " ".join(["0"] * 100)  # tokenizes under any vocabulary, into two blocks or more
         self.run([TextSegment(text, "\0warmup"), GenSegment("a", params)])
-        self.run([TextSegment(text, "\0warmup"), TextSegment(text), GenSegment("a", params)])
+        # Two sequences forked from that context decode through the shared-prefix kernel.
+        shared, self.config.shared_prefix_kernel = self.config.shared_prefix_kernel, True
+        try:
+            for i in range(2):
+                self.add(f"\0warmup-{i}", [TextSegment(text, "\0warmup"), TextSegment(" 1" * (i + 1)), GenSegment("a", params)])
+            while self.has_work():
+                self.step()
+        finally:
+            self.config.shared_prefix_kernel = shared
         self.cache.clear()
         self.cache.take_evicted()
         self.stats = dict.fromkeys(self.stats, 0)
