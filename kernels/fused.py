@@ -1,9 +1,10 @@
 """Fused elementwise kernels for a decoder layer: RMSNorm (with the residual add), rotary
 embeddings on q and k together, and SiLU-and-multiply.
+Their torch references are in ``kernels.reference``.
 
 At decode batch sizes a layer's matmuls are short, and the elementwise ops between them
 (a norm is seven torch kernels, rotating q and k ten) cost more in launches than in
-bytes; each of these does its op in one launch. Torch references sit beside them.
+bytes; each of these does its op in one launch.
 """
 
 from __future__ import annotations
@@ -61,13 +62,6 @@ def rms_norm(
     return out, res_out
 
 
-def reference_rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x if residual is None else x + residual
-    h32 = h.float()
-    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-    return weight * normed, h
 
 
 @triton.jit
@@ -101,10 +95,6 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x
 
 
-def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 @triton.jit
@@ -130,8 +120,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
             gate_up, out, gate_up.stride(0), out.stride(0), width // 2, BLOCK=block
         )
     return out
-
-
-def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up

@@ -113,3 +113,30 @@ def reference_paged_prefill_attention(
     v = _gather_kv(v_cache, block_tables, length)
     out = _attend(qpad, k, v, allowed, scale)
     return out[valid].to(q.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Layer ops (kernels.fused): the model's CPU path uses these as they are.
+# --------------------------------------------------------------------------- #
+
+def reference_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * norm(h), h)`` with ``h = x + residual``: Hugging Face's LlamaRMSNorm, fp32 inside."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * normed, h
+
+
+def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x ``[T, heads, head_dim]`` by position: pairs are (i, i + head_dim/2) (rotate-half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def reference_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

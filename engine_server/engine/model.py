@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import reference_rms_norm, reference_rotary
+
 if TYPE_CHECKING:
     from .attention import AttentionBackend, AttentionMetadata
 
@@ -124,7 +126,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)[0]
+        return reference_rms_norm(x, self.weight, self.eps)[0]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -163,11 +165,8 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by position: pairs are (i, i + head_dim/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+# Rotate-half RoPE (pairs i, i + head_dim/2): the same function the rotary kernel is tested against.
+apply_rope = reference_rotary
 
 
 class Attention(nn.Module):
@@ -308,7 +307,7 @@ class LlamaModel(nn.Module):
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq(positions.device), x.dtype)
-        norm = _rms_norm
+        norm = reference_rms_norm
         if self.fused:
             from kernels import fused
 
@@ -347,16 +346,6 @@ class LlamaModel(nn.Module):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=generator)
-
-
-def _rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * norm(h), h) with h = x + residual: Hugging Face's LlamaRMSNorm, fp32 inside."""
-    h = x if residual is None else x + residual
-    h32 = h.float()
-    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-    return weight * normed, h
 
 
 def _stack_as_views(tensors: list[torch.Tensor], modules, attr: str) -> torch.Tensor:
