@@ -202,6 +202,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/engine_bench.md")
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--commit", help="the commit being measured (default: git rev-parse HEAD here)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("engine_bench needs a CUDA device", file=sys.stderr)
@@ -227,7 +228,7 @@ def main() -> int:
     fork_bench(model, cfg, shared_rows, 8192, 64, steps // 2,
                [("shared-prefix kernel on (engine's choice)", True, None), ("shared-prefix kernel off", True, False)])  # fmt: skip
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dev = torch.cuda.get_device_name()
     lines = [
         "# Engine benchmark",
