@@ -219,8 +219,11 @@ class HFTokenizer:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the (optional) file is absent."""
-    if not path.is_file():
-        return {}
+    return read_json_object(path) if path.is_file() else {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file if it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -10,14 +10,13 @@ lacks something is an error that names the file and what to do.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .hf_tokenizer import HFTokenizer
+from .hf_tokenizer import HFTokenizer, read_json_object
 from .model import LlamaModel, ModelConfig, RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -176,15 +175,7 @@ def load_model(
     device = torch.device(device)
     dtype = dtype or default_dtype(device, raw)
 
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    state = _load_weights(path, model, device, dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.requires_grad_(False)
-    model.eval()
-
+    # The tokenizer first: it is cheap, and a bad one should not wait behind gigabytes of weights.
     try:
         tokenizer = HFTokenizer.from_dir(path)
     except (OSError, ValueError) as exc:
@@ -194,6 +185,15 @@ def load_model(
             f"{path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
             f"{config.vocab_size}; the tokenizer belongs to another model"
         )
+
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    state = _load_weights(path, model, device, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=_model_name(path))
 
 
@@ -206,15 +206,13 @@ def _model_name(path: Path) -> str:
 
 
 def _read_json(file: Path, why: str) -> dict[str, Any]:
+    """The JSON object in a file the checkpoint must have."""
     if not file.is_file():
         raise ModelLoadError(f"{file} is missing: {why}")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{file} is not valid JSON ({exc}); re-download it") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file} must hold a JSON object; re-download it")
-    return data
+        return read_json_object(file)
+    except ValueError as exc:
+        raise ModelLoadError(f"{exc}; re-download it") from exc
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
