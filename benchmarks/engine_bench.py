@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_server.engine.engine import Engine, EngineConfig, Finished, GenSegment, TextSegment  # noqa: E402
+from engine_server.engine.engine import Engine, EngineConfig, GenSegment, TextSegment  # noqa: E402
 from engine_server.engine.model import build_random_model, llama2_7b_config  # noqa: E402
 from engine_server.engine.sampler import SamplingParams  # noqa: E402
 

@@ -10,7 +10,6 @@ block table padded to 256 blocks (as in a CUDA graph of max_seq_len 4096), eager
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 from pathlib import Path

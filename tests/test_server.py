@@ -262,7 +262,7 @@ def test_a_dead_server_fails_waiting_variables_with_a_clear_error(server_process
 def test_engine_workers_die_with_a_killed_server_even_mid_request(server_process) -> None:
     parrot_nb.connect(server_process.connection_file)
     try:
-        out = _running_request(2000)
+        _running_request(2000)
         engine_pid = parrot_nb.status().engines[0].pid
         server_process.proc.kill()
         server_process.proc.wait()
