@@ -6,12 +6,11 @@ recomputes the whole sequence from token ids at every step, with no cache at all
 """
 
 import pytest
-import torch
 
 from engine_server.engine.engine import Engine, EngineConfig, GenSegment, RunResult, TextSegment
-from engine_server.engine.model import build_tiny_model, score
 from engine_server.engine.sampler import SamplingParams
 from engine_server.engine.tokenizer import ByteTokenizer
+from tests.engine_reference import context_sensitive_tiny_model, greedy_ids
 
 PROMPT = "Q: name a color. A:"
 THEN = " Then:"
@@ -24,12 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    # With the default 0.02 init, attention is nearly uniform and the next token
-    # hardly depends on anything but the last few; re-drawn at 0.1 the model is
-    # sensitive to its whole context, so a wrong context shows in the outputs.
-    m = build_tiny_model(seed=0)
-    m.init_weights(torch.Generator().manual_seed(0), std=0.1)
-    return m
+    return context_sensitive_tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +35,6 @@ def runner(model, tok):
 def greedy40(model, tok):
     """The 40 greedy tokens after PROMPT, EOS not special."""
     return greedy_ids(model, tok.encode(PROMPT, add_bos=True), 40)
-
-
-def greedy_ids(model, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens after `ids`, recomputing the full sequence at every step."""
-    ids, out = list(ids), []
-    for _ in range(n):
-        logits = score(model, ids)[-1]
-        out.append(int(torch.argmax(logits)))
-        ids.append(out[-1])
-    return out
 
 
 def gen(key: str = "a", **kw) -> GenSegment:

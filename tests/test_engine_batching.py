@@ -7,7 +7,6 @@ the whole sequence through a cache-free forward at every step.
 import random
 
 import pytest
-import torch
 
 from engine_server.engine.engine import (
     Delta,
@@ -18,9 +17,9 @@ from engine_server.engine.engine import (
     GenSegment,
     TextSegment,
 )
-from engine_server.engine.model import build_tiny_model, score
 from engine_server.engine.sampler import SamplingParams
 from engine_server.engine.tokenizer import ByteTokenizer
+from tests.engine_reference import context_sensitive_tiny_model, greedy_ids
 
 SYSTEM = "System: you are a careful parrot who repeats things. "
 
@@ -32,17 +31,11 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    m = build_tiny_model(seed=0)
-    m.init_weights(torch.Generator().manual_seed(0), std=0.1)  # context-sensitive outputs
-    return m
+    return context_sensitive_tiny_model()
 
 
 def greedy_text(model, tok, prompt: str, n: int) -> str:
-    ids, out = [tok.bos_id, *tok.encode(prompt)], []
-    for _ in range(n):
-        out.append(int(score(model, ids)[-1].argmax()))
-        ids.append(out[-1])
-    return tok.decode(out)
+    return tok.decode(greedy_ids(model, [tok.bos_id, *tok.encode(prompt)], n))
 
 
 def gen(n: int, **kw) -> GenSegment:
