@@ -490,10 +490,10 @@ class Engine:
         """Pick (sequence, new tokens) pairs for this forward and make their blocks writable."""
         budget = self.config.token_budget
         batch: list[tuple[_Sequence, int]] = []
-        preempted_before = self.stats["preemptions"]
+        count = len(self.running)  # only preemption (in _make_room) changes it during the loop
         # Decodes first (one token each), then prefill chunks, oldest sequences first.
         for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.order)):
-            if self.stats["preemptions"] != preempted_before and seq not in self.running:
+            if len(self.running) != count and seq not in self.running:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
             if n <= 0:
@@ -504,7 +504,7 @@ class Engine:
             budget -= n
             if budget == 0:
                 break
-        if self.stats["preemptions"] == preempted_before:
+        if len(self.running) == count:
             return batch
         running = set(self.running)
         return [(s, n) for s, n in batch if s in running]

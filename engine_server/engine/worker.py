@@ -139,10 +139,11 @@ class Worker:
                 block_size=engine.pool.block_size,
             )
         )  # fmt: skip
+        report_owed = False
         while True:
             busy = engine.has_work()
             # Idle: sleep until a message comes, or until a throttled load report is due.
-            idle_wait = 1000 if self._last_load == self._load_state() else int(LOAD_INTERVAL_S * 1000)
+            idle_wait = int(LOAD_INTERVAL_S * 1000) if report_owed else 1000
             if self.sock.poll(0 if busy else idle_wait):
                 if not self.receive():
                     return
@@ -151,7 +152,7 @@ class Worker:
                 return
             if engine.has_work():
                 self.step()
-            self.report_load()
+            report_owed = self.report_load()
 
     def receive(self) -> bool:
         """Handle every message that has arrived; False when told to stop."""
@@ -212,20 +213,22 @@ class Worker:
             elif isinstance(ev, Failed):
                 self.send(WorkerFailed(ev.request_id, ev.error))
 
-    def _load_state(self) -> tuple:
-        return tuple(self.engine.load().values())
+    def report_load(self) -> bool:
+        """Send WorkerLoad when the load changed (throttled) or contexts were evicted.
 
-    def report_load(self) -> None:
-        """Send WorkerLoad when the load changed (throttled) or contexts were evicted."""
+        Returns whether a changed load is still unreported (held back by the throttle).
+        """
         engine = self.engine
         load = engine.load()
         state = tuple(load.values())
-        evicted = engine.cache.evicted
         now = time.monotonic()
-        if not evicted and (state == self._last_load or now - self._last_load_t < LOAD_INTERVAL_S):
-            return
+        if state == self._last_load and not engine.cache.evicted:
+            return False
+        if not engine.cache.evicted and now - self._last_load_t < LOAD_INTERVAL_S:
+            return True
         self.send(WorkerLoad(self.engine_id, evicted_keys=engine.cache.take_evicted(), **load))
         self._last_load, self._last_load_t = state, now
+        return False
 
     def close(self) -> None:
         self.ctx.destroy(linger=1000)
