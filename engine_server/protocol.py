@@ -64,6 +64,9 @@ def message_types() -> dict[str, type[Message]]:
 # Shared value types
 # --------------------------------------------------------------------------- #
 
+#: The model a server serves when none is named (see engine_server.models).
+DEFAULT_MODEL = "smollm2"
+
 Perf = Literal["latency", "throughput"]
 VarStateName = Literal["pending", "running", "done", "failed"]
 
@@ -86,10 +89,11 @@ class ChunkSpec:
     """One piece of a semantic function's template.
 
     ``kind`` is ``text`` (literal ``text``), ``input`` or ``output`` (``name``;
-    outputs carry their ``sampling``).
+    outputs carry their ``sampling``), or, in a chat function, ``role`` (``name``
+    is ``system`` or ``user``: a new message starts here).
     """
 
-    kind: Literal["text", "input", "output"]
+    kind: Literal["text", "input", "output", "role"]
     text: str = ""
     name: str = ""
     sampling: SamplingSpec | None = None
@@ -97,10 +101,15 @@ class ChunkSpec:
 
 @dataclass
 class FunctionSpec:
-    """A semantic function as the server sees it: a name and its chunks."""
+    """A semantic function as the server sees it: a name and its chunks.
+
+    A ``chat`` function is a conversation that the server renders with the
+    served model's chat template (see engine_server/chat.py).
+    """
 
     name: str
     chunks: list[ChunkSpec]
+    chat: bool = False
 
 
 @dataclass

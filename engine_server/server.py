@@ -31,6 +31,7 @@ from engine_server import __version__
 from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
+from engine_server.models import DEFAULT_MODEL, chat_format, resolve_model
 from engine_server.protocol import (
     CONNECTION_PREFIX,
     PROTOCOL_VERSION,
@@ -78,7 +79,7 @@ RESTART_WINDOW_S = 60.0
 
 @dataclass
 class ServerConfig:
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL  # see engine_server.models.resolve_model
     device: str = "cpu"
     engines: int = 1
     port: int | None = None  # requests on port, events on port + 1; random when None
@@ -105,7 +106,9 @@ class EngineProcess:
 
 class EngineServer:
     def __init__(self, config: ServerConfig) -> None:
+        """Raises models.ModelNotFoundError or gguf_file.GGUFError when ``config.model`` cannot be served."""
         self.config = config
+        self.model = resolve_model(config.model)
         self.key = secrets.token_hex(32).encode()
         self.started = time.monotonic()
         self.ctx = zmq.Context()
@@ -115,7 +118,7 @@ class EngineServer:
         for sock in (self.requests, self.events, self.workers):
             sock.setsockopt(zmq.LINGER, 0)
         self.events.setsockopt(zmq.SNDHWM, 100_000)  # token streams are bursty; don't drop events
-        self.graph = Graph()
+        self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
         self.executor = Executor(self.graph, self.scheduler, self.publish, self.send_to_engine)
         self.engines: dict[int, EngineProcess] = {}
@@ -149,7 +152,7 @@ class EngineServer:
             events=f"tcp://{LOOPBACK}:{ev_port}",
             key=self.key.decode(),
             pid=os.getpid(),
-            model=self.config.model,
+            model=self.model.name,
         )
         path = self.config.connection_file or runtime_dir() / f"{CONNECTION_PREFIX}{os.getpid()}.json"
         self.connection_file = info.write(path)
@@ -270,7 +273,7 @@ class EngineServer:
         self._send_frames(self.requests, [identity], reply, ref=env.id)
 
     def _on_hello(self, msg: Hello) -> Message:
-        return Welcome(new_id(), __version__, PROTOCOL_VERSION, self.config.model, len(self.engines))
+        return Welcome(new_id(), __version__, PROTOCOL_VERSION, self.model.name, len(self.engines))
 
     def _on_sync(self, msg: SyncEvents) -> Message:
         self.publish(EventsSynced(msg.token))
@@ -297,7 +300,7 @@ class EngineServer:
             slot = self.scheduler.engines[p.engine_id]
             engines.append(
                 EngineInfo(
-                    p.engine_id, p.popen.pid, self.config.model, self.config.device, p.state, len(slot.running),
+                    p.engine_id, p.popen.pid, self.model.name, self.config.device, p.state, len(slot.running),
                     slot.finished, slot.capacity, slot.engine_waiting, slot.kv_blocks_used, slot.kv_blocks_total,
                     slot.cached_keys,
                 )  # fmt: skip
@@ -310,7 +313,7 @@ class EngineServer:
             __version__,
             os.getpid(),
             time.monotonic() - self.started,
-            self.config.model,
+            self.model.name,
             self.config.device,
             engines,
             apps,
@@ -328,7 +331,7 @@ class EngineServer:
             sys.executable, "-m", "engine_server.engine.worker",
             "--endpoint", self.worker_endpoint,
             "--engine-id", str(engine_id),
-            "--model", self.config.model,
+            "--model", self.model.spec,
             "--device", self.config.device,
         ]  # fmt: skip
         for name, value in sorted(self.config.engine_options.items()):

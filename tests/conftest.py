@@ -31,7 +31,9 @@ class ServerProcess:
         self.event_log = tmp / "events.jsonl"
         self.log = tmp / "server.log"
         cmd = [sys.executable, "-m", "engine_server", "--connection-file", str(self.connection_file)]
-        cmd += ["--event-log", str(self.event_log), *args]
+        # The seeded tiny model unless a test names another: it starts in seconds.
+        model = [] if "--model" in args else ["--model", "tiny"]
+        cmd += ["--event-log", str(self.event_log), *model, *args]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 120

@@ -309,6 +309,7 @@ def test_parrot_start_status_stop(ip, capsys):
         status = repr(ip.run_line_magic("parrot", "status"))
         assert f"pid {pid}" in status
         assert "engine 0:" in status
+        assert "model SmolLM2-135M-Instruct (Q4_1)" in status  # the default, named
         ip.run_line_magic("parrot", "stop")
         assert "engine server stopped" in capsys.readouterr().out
         assert session._client is None
@@ -319,7 +320,7 @@ def test_parrot_start_status_stop(ip, capsys):
 
 
 def test_parrot_start_passes_engine_sizing_to_the_server(ip, capsys):
-    ip.run_line_magic("parrot", "start --max-running 5 --kv-cache-mb 2")
+    ip.run_line_magic("parrot", "start --model tiny --max-running 5 --kv-cache-mb 2")
     try:
         deadline = time.monotonic() + 120
         while not (engines := session.status().engines) or engines[0].kv_blocks_total == 0:

@@ -146,6 +146,14 @@ class HFTokenizer:
             extra_eos_ids=extra_eos,
         )
 
+    def add_eos_token(self, token: str) -> None:
+        """Also end generation at special token `token` (a chat template's end-of-turn), if it is one."""
+        token_id = self._tok.token_to_id(token) if token else None
+        if token_id is not None and token_id in self._special_ids:
+            self.eos_ids = self.eos_ids | {token_id}
+            if self.eos_id is None:
+                self.eos_id = token_id
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Ids of `text` as the start of a prompt; BOS first when asked and the model uses one."""
         ids = self._tok.encode(text, add_special_tokens=False).ids

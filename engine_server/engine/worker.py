@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from engine_server.models import chat_format, resolve_model
 from engine_server.protocol import (
     ProtocolError,
     ReleaseContexts,
@@ -69,10 +70,12 @@ def to_engine_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSeg
 def build_engine(model: str, device: str, **engine_options) -> Engine:
     """The model on its device inside an engine; raises with a reason when it cannot be.
 
-    `model` is "tiny" (the embedded seeded model) or a local Hugging Face directory.
+    `model` is "tiny" (the seeded random model), a .gguf file or a local Hugging Face directory
+    (the server resolves names such as the default "smollm2" to a path first).
     """
     import torch
 
+    from engine_server.chat import end_of_turn
     from engine_server.engine.engine import Engine, EngineConfig
     from engine_server.engine.model import build_tiny_model
     from engine_server.engine.tokenizer import ByteTokenizer
@@ -83,13 +86,21 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
             f"(built with CUDA: {torch.version.cuda or 'no'}); use --device cpu"
         )
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if model == "tiny":
+    source = resolve_model(model)
+    if source.kind == "tiny":
         net, tokenizer = build_tiny_model(seed=0, device=device, dtype=dtype), ByteTokenizer()
     else:
-        from engine_server.engine.loader import load_model
-
-        loaded = load_model(model, device=device, dtype=dtype)
+        if source.kind == "gguf":
+            from engine_server.engine.gguf_loader import load_gguf as load
+        else:
+            from engine_server.engine.loader import load_model as load
+        loaded = load(source.path, device=device, dtype=dtype)
         net, tokenizer = loaded.model, loaded.tokenizer
+        fmt = chat_format(source)
+        if fmt is not None:
+            # A chat reply ends at the template's end-of-turn token even where the files do not
+            # list it as an end of sequence (a token decodes to no text, so no stop string sees it).
+            tokenizer.add_eos_token(end_of_turn(fmt))
     if device.startswith("cuda"):
         defaults = {"max_running": 256, "token_budget": 8192}
     else:

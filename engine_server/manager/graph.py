@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from engine_server import chat
+from engine_server.models import ChatFormat
 from engine_server.protocol import FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall
 
 
@@ -61,9 +64,13 @@ class App:
 
 
 class Graph:
-    """All applications' DAGs. Variables are global ids, so an app may read another's."""
+    """All applications' DAGs. Variables are global ids, so an app may read another's.
 
-    def __init__(self) -> None:
+    ``chat_format`` is the served model's, for chat functions (None: it has none).
+    """
+
+    def __init__(self, chat_format: ChatFormat | None = None) -> None:
+        self.chat_format = chat_format
         self.apps: dict[str, App] = {}
         self.requests: dict[str, RequestNode] = {}
         self.variables: dict[str, Variable] = {}
@@ -92,6 +99,10 @@ class Graph:
         for c in fn.chunks:
             if c.kind == "output" and c.sampling is None:
                 raise GraphError(f"call of {fn.name!r}: output {c.name!r} has no sampling settings")
+        if fn.chat:
+            self._check_chat(fn)
+        elif any(c.kind == "role" for c in fn.chunks):
+            raise GraphError(f"call of {fn.name!r}: role markers belong to chat functions (chat=True)")
         for name, value in call.inputs.items():
             if (value.text is None) == (value.var_id is None):
                 raise GraphError(f"call of {fn.name!r}: input {name!r} must be either text or a variable reference")
@@ -133,18 +144,78 @@ class Graph:
 
         Every template text and every input value is a segment of its own, so that each
         variable boundary is a place where a context can be cached and shared
-        (``prefix.assign_keys``); empty pieces are left out.
+        (``prefix.assign_keys``); empty pieces are left out. A chat function is first
+        rendered with the model's chat template, which keeps those boundaries.
         """
+        if node.function.chat:
+            return self._chat_program(node)
         segments: list[SegmentSpec] = []
         for chunk in node.function.chunks:
             if chunk.kind == "output":
                 segments.append(SegmentSpec("gen", var_id=node.outputs[chunk.name], sampling=chunk.sampling))
-                continue
-            if chunk.kind == "text":
-                text = chunk.text
-            else:
-                value = node.inputs[chunk.name]
-                text = value.text if value.text is not None else self.variables[value.var_id].value or ""
-            if text:
+            elif text := self._text(node, chunk.kind, chunk.name, chunk.text):
                 segments.append(SegmentSpec("text", text=text))
         return segments
+
+    def _text(self, node: RequestNode, kind: str, name: str, text: str) -> str:
+        """A text or input chunk's text (an input's value once its producer is done)."""
+        if kind == "text":
+            return text
+        value = node.inputs[name]
+        return value.text if value.text is not None else self.variables[value.var_id].value or ""
+
+    def _chat_program(self, node: RequestNode) -> list[SegmentSpec]:
+        fmt = self.chat_format
+        assert fmt is not None  # checked when the call was added
+        outputs = [c for c in node.function.chunks if c.kind == "output"]
+        messages = _messages(node.function, lambda c: self._text(node, c.kind, c.name, c.text))
+        stop = chat.end_of_turn(fmt)
+        segments: list[SegmentSpec] = []
+        for piece in chat.render_program(fmt, messages):
+            if isinstance(piece, str):
+                if piece:
+                    segments.append(SegmentSpec("text", text=piece))
+                continue
+            out = outputs[piece.index]
+            sampling = out.sampling
+            assert sampling is not None  # checked when the call was added
+            if stop and stop not in sampling.stop:
+                # Matters where the end-of-turn is plain text; a special token ends generation as EOS.
+                sampling = dataclasses.replace(sampling, stop=[*sampling.stop, stop])
+            segments.append(SegmentSpec("gen", var_id=node.outputs[out.name], sampling=sampling))
+        return segments
+
+    def _check_chat(self, fn: FunctionSpec) -> None:
+        """A chat call needs a model with a chat template that accepts this conversation's shape."""
+        if self.chat_format is None:
+            raise GraphError(
+                f"call of {fn.name!r}: it is a chat function, but the served model has no chat template; "
+                "define it without chat (a plain completion), or serve a model that has one"
+            )
+        bad = [c.name for c in fn.chunks if c.kind == "role" and c.name not in chat.ROLES]
+        if bad:
+            raise GraphError(f"call of {fn.name!r}: unknown role {bad[0]!r} (roles: {', '.join(chat.ROLES)})")
+        try:
+            chat.check(self.chat_format, _messages(fn, lambda c: c.text or c.name))
+        except chat.ChatTemplateError as exc:
+            raise GraphError(f"call of {fn.name!r}: {exc}") from None
+
+
+def _messages(fn: FunctionSpec, text_of) -> list[chat.Message]:
+    """A chat function's chunks as messages: role markers start them, each output is an assistant reply."""
+    messages: list[chat.Message] = []
+    role, pieces = "user", []
+    outputs = 0
+    for c in fn.chunks:
+        if c.kind in ("role", "output"):
+            if pieces or (c.kind == "role" and role != "user"):
+                messages.append((role, pieces))
+            role, pieces = ("user" if c.kind == "output" else c.name), []
+            if c.kind == "output":
+                messages.append(("assistant", [chat.Gen(outputs)]))
+                outputs += 1
+        else:
+            pieces.append(text_of(c))
+    if pieces:
+        messages.append((role, pieces))
+    return messages
