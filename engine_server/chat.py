@@ -71,6 +71,9 @@ def render_program(fmt: ChatFormat, messages: Sequence[Message]) -> list[str | G
         glue_start = match.end()
     if _join(program) + marked[glue_start:] != _strip_marks(real):
         program = _coarse(real, pieces)
+    wanted = sum(isinstance(p, Gen) for p in pieces)
+    if sum(isinstance(p, Gen) for p in program) != wanted:
+        raise ChatTemplateError("the model's chat template does not write out every assistant reply of the conversation")
     # Text after the last reply conditions nothing, so the program ends there.
     last = max((i for i, p in enumerate(program) if isinstance(p, Gen)), default=-1)
     return program[: last + 1]
@@ -85,7 +88,7 @@ def end_of_turn(fmt: ChatFormat) -> str:
 
 def check(fmt: ChatFormat, messages: Sequence[Message]) -> None:
     """Raise ChatTemplateError if the template rejects this shape of conversation."""
-    _render(fmt, [(role, "".join(_mark(i) for i in _indices(messages, m))) for m, (role, _) in enumerate(messages)])
+    render_program(fmt, messages)
 
 
 # ----------------------------------------------------------------------------- internals

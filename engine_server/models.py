@@ -42,7 +42,8 @@ class ModelNotFoundError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved ``--model``: what kind of model, where it lies, and the name to show."""
+    """A resolved ``--model``: what kind of model, where it lies, and the name to show (a file or
+    directory is shown as it was given)."""
 
     kind: Literal["tiny", "gguf", "hf"]
     path: Path | None
@@ -79,13 +80,13 @@ def resolve_model(spec: str | None) -> ModelSource:
                     f"--model {spec!r} is a file but not a GGUF file; pass a .gguf file, a Hugging Face model "
                     f"directory, {DEFAULT_MODEL!r} or {TINY!r}"
                 )
-        return ModelSource("gguf", path.resolve(), path.name)
+        return ModelSource("gguf", path.resolve(), spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"--model {spec!r} is a directory without config.json, so not a Hugging Face model directory"
             )
-        return ModelSource("hf", path.resolve(), path.name)
+        return ModelSource("hf", path.resolve(), spec)
     raise ModelNotFoundError(
         f"--model {spec!r} is not {DEFAULT_MODEL!r}, {TINY!r}, a .gguf file or a model directory on this machine; "
         "nothing is downloaded, so give the path of local files"

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,13 +18,59 @@ KERNEL_NAME = "parrot-nb"
 
 
 def execute(path: Path, timeout: int = 600, kernel_name: str = KERNEL_NAME):
-    """Execute the notebook at ``path`` in a fresh kernel; return the executed notebook."""
+    """Execute the notebook at ``path`` in a fresh kernel; return the executed notebook.
+
+    The kernel gets a runtime directory of its own, and any engine server the notebook
+    started and left running (a cell failed or timed out before ``%parrot stop``) is
+    stopped afterwards: a demo leaves no process behind.
+    """
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}}).execute()
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}}
+    )
+    with tempfile.TemporaryDirectory(prefix="parrot-nb-demo-") as run_dir:
+        try:
+            client.execute(env={**os.environ, "JUPYTER_RUNTIME_DIR": run_dir})
+        finally:
+            stop_servers_in(Path(run_dir))
     return nb
+
+
+def stop_servers_in(run_dir: Path, timeout: float = 20.0) -> None:
+    """Stop every engine server whose connection file is in `run_dir` (SIGTERM, then SIGKILL)."""
+    from engine_server.protocol import ConnectionInfo, find_connection_files
+
+    pids = []
+    for file in find_connection_files(run_dir):
+        try:
+            pids.append(ConnectionInfo.read(file).pid)
+        except (OSError, ValueError):
+            continue
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def output_text(output: dict) -> str:

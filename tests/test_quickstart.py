@@ -1,7 +1,8 @@
-"""The quickstart notebook runs top to bottom on the project's kernel."""
+"""The quickstart notebook runs top to bottom on the project's kernel with the default model."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,17 +13,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_quickstart_runs_top_to_bottom_with_the_parrot_nb_kernel() -> None:
-    nb = execute(REPO / "demos" / "quickstart.ipynb", timeout=300)
+@pytest.mark.timeout(900)
+def test_quickstart_runs_top_to_bottom_on_smollm2_with_real_text_and_cache_hits() -> None:
+    nb = execute(REPO / "demos" / "quickstart.ipynb", timeout=600)
     outputs = {
         cell.source.splitlines()[0]: "\n".join(output_text(o) for o in cell.get("outputs", []))
         for cell in nb.cells
         if cell.cell_type == "code"
     }
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert "engine server started" in outputs["%parrot start"]
-    assert "semantic function write_code(task) -> code" in outputs["%%semantic write_code --max-tokens 24"]
+    assert "engine server started" in outputs["%parrot start"] and "SmolLM2-135M-Instruct" in outputs["%parrot start"]
+    assert "def " in outputs['print(code.get())  # already computed on the server as tests\' input']
+    assert "Paris" in outputs["complete().get()"]
     status = outputs["%parrot status"]
     assert "app map-reduce: 4 requests, 4 done, 0 failed" in status
-    assert "3 requests, 3 done, 0 failed" in status  # write_code, write_tests, review
+    chain = next(line for line in status.splitlines() if "3 requests, 3 done, 0 failed" in line)  # the kernel's app
+    hits = re.search(r"(\d+)/(\d+) prompt tokens from cache", chain)
+    assert hits and int(hits.group(1)) > 0  # write_tests reused write_code's system prompt
     assert "engine server stopped" in outputs["%parrot stop"]

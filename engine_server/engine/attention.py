@@ -3,7 +3,11 @@
 ``CausalAttention`` attends within the tokens of one forward (no cache): it scores
 whole prompts, as a Hugging Face forward does. ``PagedAttention`` is the engine's:
 new K/V go into the paged pool and each sequence attends over its own blocks, with
-the Triton kernels on CUDA and their torch references elsewhere.
+the Triton kernels on CUDA. On the CPU it gathers each sequence's whole blocks
+(one copy per block, not per token) and runs PyTorch's fused CPU attention
+(``scaled_dot_product_attention``, grouped-query heads without repeating K/V);
+the torch references in ``kernels.reference`` are the specification both are
+tested against.
 """
 
 from __future__ import annotations
@@ -66,12 +70,10 @@ class PagedAttention:
             self._shared = kernels.shared_prefix_decode_attention
             self._prefill = kernels.paged_prefill_attention
         else:
-            from kernels import reference
-
-            self._write = reference.reference_write_kv_cache
-            self._decode = reference.reference_paged_decode_attention
+            self._write = cpu_write_kv_cache
+            self._decode = cpu_paged_decode_attention
             self._shared = None
-            self._prefill = reference.reference_paged_prefill_attention
+            self._prefill = cpu_paged_prefill_attention
 
     def attend(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = self.k_pool[layer], self.v_pool[layer]
@@ -102,3 +104,50 @@ class PagedAttention:
             meta.prefill_query_start_loc,
             meta.prefill_context_lens,
         )
+
+
+def cpu_write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Store ``k``, ``v`` ``[T, Hkv, D]`` at ``slot_mapping`` (every slot real: no padded rows on a CPU)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of the sequences whose block tables are given: [S, Hkv, length, D]."""
+    n = -(-length // cache.shape[1])
+    blocks = cache[block_table[:, :n].long()]  # [S, n, block, Hkv, D]
+    return blocks.flatten(1, 2)[:, :length].transpose(1, 2)
+
+
+def cpu_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens) -> torch.Tensor:
+    """One query per sequence ``q [S, Hq, D]`` over its cached tokens (kernels.reference's contract)."""
+    lens = context_lens.tolist()
+    length = max(lens)
+    k = _gather_blocks(k_cache, block_tables, length)
+    v = _gather_blocks(v_cache, block_tables, length)
+    mask = None
+    if min(lens) != length:  # shorter sequences see only their own tokens
+        mask = (torch.arange(length) < context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None].to(k.dtype), k, v, attn_mask=mask, enable_gqa=True)
+    return out[:, :, 0].to(q.dtype)
+
+
+def cpu_paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens) -> torch.Tensor:
+    """New tokens ``q [T, Hq, D]`` of packed sequences over their cached prefix and, causally, themselves."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for s, length in enumerate(context_lens.tolist()):
+        a, b = starts[s], starts[s + 1]
+        n = b - a
+        if n == 0:
+            continue
+        k = _gather_blocks(k_cache, block_tables[s : s + 1], length)
+        v = _gather_blocks(v_cache, block_tables[s : s + 1], length)
+        qs = q[a:b].transpose(0, 1)[None].to(k.dtype)  # [1, Hq, n, D]
+        if n == length:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
+        else:  # query i sits at position length - n + i and sees every key up to it
+            mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1).to(q.dtype)
+    return out

@@ -206,8 +206,8 @@ class Engine:
         self.cache = ContextCache(self.pool)
         use_triton = self.device.type == "cuda" if config.use_triton is None else config.use_triton
         self.attention = PagedAttention(self.pool.k, self.pool.v, use_triton)
-        if use_triton and not model.fused:
-            model.fuse()  # the fused layer kernels come with the Triton path
+        if not model.fused:
+            model.fuse(triton=use_triton)  # the fused layer kernels come with the Triton path
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []

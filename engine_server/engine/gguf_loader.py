@@ -88,11 +88,11 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
         with torch.device("meta"):
             model = LlamaModel(config)
         state = _state_dict(gguf, model, path, device, dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
     finally:
         gguf.close()
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     if inv_freq is not None:
         model._inv_freq = {torch.device("cpu"): inv_freq}
     model.requires_grad_(False)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import reference_rms_norm, reference_rotary
+from kernels.reference import reference_rms_norm, reference_rotary, reference_silu_mul
 
 if TYPE_CHECKING:
     from .attention import AttentionBackend, AttentionMetadata
@@ -168,6 +168,33 @@ def rope_cos_sin(
 # Rotate-half RoPE (pairs i, i + head_dim/2): the same function the rotary kernel is tested against.
 apply_rope = reference_rotary
 
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.reference.reference_rms_norm`` for float32 in one PyTorch op (fewer launches on a CPU)."""
+    h = x if residual is None else x + residual
+    return F.rms_norm(h, (h.shape[-1],), weight, eps), h
+
+
+# Up to this many rows the float16 matmul is the faster kernel on a CPU (see LlamaModel.use_half_matrices).
+HALF_KERNEL_MAX_ROWS = 2
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, half: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b. With `half` (W in float16, `weight` holding the same values in x's dtype),
+    float16 matmul semantics: inputs and output rounded to float16, float32 accumulation,
+    bias added after. One or two rows run the float16 kernel (half the bytes to read), more
+    the float32 one on the float16 values; both give the same numbers, up to summation order.
+    The float32 product is computed as W x^T: with the weight as the left operand MKL picks a
+    kernel 1.3-3x faster for 2-32 rows on these CPUs (benchmarks/results/cpu_smollm2.md)."""
+    if half is None:
+        return F.linear(x, weight, bias)
+    if x.shape[0] <= HALF_KERNEL_MAX_ROWS:
+        y = F.linear(x.half(), half).to(x.dtype)
+    else:
+        y = torch.mm(weight, x.half().to(x.dtype).t()).t().half().to(x.dtype).contiguous()
+    return y if bias is None else y + bias
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V heads and rotary positions."""
@@ -185,9 +212,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse(): q, k, v stacked
         self.qkv_bias: torch.Tensor | None = None
+        self.triton = False  # rotary with the fused Triton kernel (set by fuse)
+        self.qkv_half: torch.Tensor | None = None  # float16 copies (set by use_half_matrices)
+        self.o_half: torch.Tensor | None = None
 
-    def fuse(self) -> None:
+    def fuse(self, triton: bool = True) -> None:
         """Stack q/k/v into one matrix; the per-projection weights become views of it."""
+        self.triton = triton
         projs = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_weight = _stack_as_views([p.weight for p in projs], projs, "weight")
         if self.q_proj.bias is not None:
@@ -203,22 +234,25 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, dim], the new tokens of every sequence in the batch, packed."""
         T = x.shape[0]
-        if self.qkv_weight is not None:  # fused: one matmul, rotary in place on its output
-            from kernels import fused
-
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if self.qkv_weight is not None:  # fused: one matmul, rotary on its output
+            qkv = linear(x, self.qkv_weight, self.qkv_bias, self.qkv_half)
             nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            # q's heads and k's heads sit side by side in each row: one rotary launch for both.
-            fused.rotary_(qkv[:, : nq + nk].view(T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
-            q = qkv[:, :nq].view(T, self.n_heads, self.head_dim)
-            k = qkv[:, nq : nq + nk].view(T, self.n_kv_heads, self.head_dim)
+            # q's heads and k's heads sit side by side in each row: one rotary for both.
+            qk = qkv[:, : nq + nk].view(T, self.n_heads + self.n_kv_heads, self.head_dim)
+            if self.triton:
+                from kernels import fused
+
+                fused.rotary_(qk, cos, sin)
+            else:
+                qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
             v = qkv[:, nq + nk :].view(T, self.n_kv_heads, self.head_dim)
         else:
             q = apply_rope(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)
             k = apply_rope(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)
             v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         out = backend.attend(self.layer, q, k, v, meta)
-        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
+        return linear(out.reshape(T, self.n_heads * self.head_dim), self.o_proj.weight, None, self.o_half)
 
 
 class MLP(nn.Module):
@@ -230,16 +264,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.triton = False  # SiLU-and-multiply with the fused Triton kernel (set by fuse)
+        self.gate_up_half: torch.Tensor | None = None  # float16 copies (set by use_half_matrices)
+        self.down_half: torch.Tensor | None = None
 
-    def fuse(self) -> None:
+    def fuse(self, triton: bool = True) -> None:
+        self.triton = triton
         projs = (self.gate_proj, self.up_proj)
         self.gate_up_weight = _stack_as_views([p.weight for p in projs], projs, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            from kernels import fused
+            gate_up = linear(x, self.gate_up_weight, None, self.gate_up_half)
+            if self.triton:
+                from kernels import fused
 
-            return self.down_proj(fused.silu_mul(F.linear(x, self.gate_up_weight)))
+                return self.down_proj(fused.silu_mul(gate_up))
+            return linear(reference_silu_mul(gate_up), self.down_proj.weight, None, self.down_half)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -279,7 +320,9 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.fused = False
+        self.fused = False  # matmuls stacked (q/k/v, gate/up)
+        self.triton = False  # and the elementwise ops in fused Triton kernels
+        self.lm_head_half: torch.Tensor | None = None  # set by use_half_matrices
         # Kept out of the module's buffers so .to(dtype) can never round the frequencies.
         self._inv_freq = {
             torch.device("cpu"): rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -307,8 +350,8 @@ class LlamaModel(nn.Module):
         """
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq(positions.device), x.dtype)
-        norm = reference_rms_norm
-        if self.fused:
+        norm = rms_norm if x.dtype == torch.float32 else reference_rms_norm
+        if self.triton:
             from kernels import fused
 
             norm = fused.rms_norm
@@ -318,25 +361,52 @@ class LlamaModel(nn.Module):
         if logits_indices is not None:
             x, residual = x[logits_indices], residual[logits_indices]
         x, _ = norm(x, self.norm.weight, self.norm.eps, residual)
-        return self.lm_head(x).float()
+        return linear(x, self.lm_head.weight, None, self.lm_head_half).float()
 
-    def fuse(self) -> None:
-        """Use the fused Triton kernels (CUDA): stacked q/k/v and gate/up matmuls, one-pass
-        norms with the residual add, in-place rotary, SiLU-and-multiply."""
+    def fuse(self, triton: bool = True) -> None:
+        """Stack the q/k/v and gate/up matmuls (fewer, larger matmuls on any device); with
+        `triton` (CUDA) also use the fused Triton kernels: one-pass norms with the residual
+        add, in-place rotary, SiLU-and-multiply."""
         for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        self.fused = True
+            layer.self_attn.fuse(triton)
+            layer.mlp.fuse(triton)
+        self.fused, self.triton = True, triton
+
+    def use_half_matrices(self) -> None:
+        """Run every matmul with float16 semantics (CPU serving; see ``linear``).
+
+        A CPU decode step reads every weight once, so it runs at memory speed: float16 halves
+        the bytes (SmolLM2-135M: 540 -> 270 MB a token) and its small-batch kernel is about
+        2.7x faster here, while prefill's large matmuls are faster in float32 (5x at 300
+        rows). Both kernels are kept, on the same float16 values: the float32 weights are
+        rounded to float16 in place and a float16 copy is added (1.5x the float32 memory).
+        Norms, embeddings lookups, attention and the residual stream stay in float32.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("float16 matrices are for a float32 model on the CPU")
+        if not self.fused:
+            self.fuse(triton=False)
+
+        def half(weight: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                weight.copy_(weight.half().float())
+            return weight.half()
+
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_half, attn.o_half = half(attn.qkv_weight), half(attn.o_proj.weight)
+            mlp.gate_up_half, mlp.down_half = half(mlp.gate_up_weight), half(mlp.down_proj.weight)
+        self.lm_head_half = half(self.lm_head.weight)  # rounds a tied embedding too: same values
 
     @property
     def device(self) -> torch.device:
         """Where the weights live."""
-        return self.lm_head.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype; caches must match it."""
-        return self.lm_head.weight.dtype
+        """The activations' dtype (a norm's weight: matrices may be kept quantized); caches match it."""
+        return self.norm.weight.dtype
 
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
         """Fill weights from `generator`: N(0, std) for matrices and biases, 1.0 for norms."""

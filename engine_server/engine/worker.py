@@ -96,6 +96,8 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
             from engine_server.engine.loader import load_model as load
         loaded = load(source.path, device=device, dtype=dtype)
         net, tokenizer = loaded.model, loaded.tokenizer
+        if device == "cpu":
+            net.use_half_matrices()  # decode reads half the bytes (see LlamaModel.use_half_matrices)
         fmt = chat_format(source)
         if fmt is not None:
             # A chat reply ends at the template's end-of-turn token even where the files do not
