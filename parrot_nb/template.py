@@ -520,7 +520,9 @@ class _Scanner:
         # '{{x: 1}}' or '{{a:-1}}' stay literal; only 'word:word' looks like a
         # placeholder whose kind is misspelt.
         if after_colon < len(text) and (text[after_colon].isalnum() or text[after_colon] == "_"):
-            close_matches = difflib.get_close_matches(kind.lower(), _KINDS, n=1)
+            kinds = _KINDS if self.chat else _KINDS[:2]
+            expected = "'input', 'output' or 'role'" if self.chat else "'input' or 'output'"
+            close_matches = difflib.get_close_matches(kind.lower(), kinds, n=1)
             hint = f"; did you mean {close_matches[0]!r}?" if close_matches else ""
             try:
                 raw = text[opening : self._find_close(opening, after_colon) + 2]
@@ -528,7 +530,7 @@ class _Scanner:
                 raw = self._snippet(opening)
             raise self._error(
                 opening,
-                f"unknown placeholder kind {kind!r}: expected 'input' or 'output' (or 'role' in a chat function){hint}",
+                f"unknown placeholder kind {kind!r}: expected {expected}{hint}",
                 raw,
             )
         return None

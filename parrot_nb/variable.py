@@ -137,10 +137,13 @@ class SemanticVariable:
             while True:
                 with self._changed:
                     self._changed.wait_for(lambda: self.partial != shown or self._future.done(), timeout=0.5)
-                if self.partial != shown or self._future.done():
+                # Read "done" before drawing: the value may land between a draw and the check, and
+                # returning then would leave the last drawn state (still running) on screen.
+                done = self._future.done()
+                if self.partial != shown or done:
                     shown = self.partial
                     handle.update(self._repr_mimebundle_(), raw=True)
-                if self._future.done():
+                if done:
                     return
         except KeyboardInterrupt:
             # Interrupting the display does not cancel the request: it keeps running on the server.

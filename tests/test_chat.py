@@ -188,3 +188,8 @@ def test_a_chat_call_whose_conversation_the_template_rejects_is_refused_at_submi
     graph = Graph(chat_format=fmt)
     with pytest.raises(GraphError, match="call of 'ask': .*System role not supported"):
         graph.add_request(_chat_call(graph))
+
+
+def test_a_misspelt_role_marker_in_a_chat_function_suggests_role():
+    with pytest.raises(TemplateError, match=r"unknown placeholder kind 'rol': expected 'input', 'output' or 'role'; did you mean 'role'\?"):
+        SemanticFunction.from_template("f", "{{rol:system}}Hi {{output:a}}", chat=True)

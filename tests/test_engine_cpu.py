@@ -8,7 +8,7 @@ import torch
 
 from engine_server.engine.attention import cpu_paged_decode_attention, cpu_paged_prefill_attention
 from engine_server.engine.engine import Engine, EngineConfig, GenSegment, TextSegment
-from engine_server.engine.model import HALF_KERNEL_MAX_ROWS, build_tiny_model, linear, score
+from engine_server.engine.model import HALF_KERNEL_MAX_ROWS, TRANSPOSED_KERNEL_MAX_ROWS, build_tiny_model, linear, score
 from engine_server.engine.sampler import SamplingParams
 from engine_server.engine.tokenizer import ByteTokenizer
 from kernels import reference
@@ -52,12 +52,15 @@ def test_half_matrices_give_the_same_numbers_in_the_small_and_the_large_kernel()
     weight = torch.randn(96, 64, generator=g) * 0.1
     weight.copy_(weight.half().float())
     bias = torch.randn(96, generator=g)
-    x = torch.randn(HALF_KERNEL_MAX_ROWS + 8, 64, generator=g)
-    small = linear(x[:4], weight, bias, weight.half())  # float16 kernel
-    large = linear(x, weight, bias, weight.half())[:4]  # float32 kernel on the float16 values
-    torch.testing.assert_close(small, large, atol=2e-3, rtol=1e-3)  # one float16 step of the outputs
-    exact = (x[:4].half().float() @ weight.T).half().float() + bias
-    torch.testing.assert_close(small, exact, atol=2e-3, rtol=1e-3)
+    x = torch.randn(TRANSPOSED_KERNEL_MAX_ROWS + 8, 64, generator=g)
+    n = HALF_KERNEL_MAX_ROWS
+    small = linear(x[:n], weight, bias, weight.half())  # the float16 kernel
+    middle = linear(x[: n + 4], weight, bias, weight.half())[:n]  # float32 W x^T on the float16 values
+    large = linear(x, weight, bias, weight.half())[:n]  # float32 x W^T on the float16 values
+    exact = (x[:n].half().float() @ weight.T).half().float() + bias
+    for got in (small, middle, large):
+        torch.testing.assert_close(got, exact, atol=2e-3, rtol=1e-3)  # one float16 step of the outputs
+        assert got.is_contiguous()
 
 
 def test_half_matrices_keep_logits_close_and_greedy_text_equal_on_the_tiny_model():
@@ -66,7 +69,7 @@ def test_half_matrices_keep_logits_close_and_greedy_text_equal_on_the_tiny_model
     half = build_tiny_model(seed=0)
     half.use_half_matrices()
     assert half.layers[0].self_attn.qkv_half.dtype == torch.float16
-    assert half.lm_head.weight.data_ptr() == half.embed_tokens.weight.data_ptr()  # still tied
+    assert torch.equal(half.lm_head.weight, half.lm_head_half.float())  # the float32 copy holds float16 values
     expected, got = score(full, tokens), score(half, tokens)
     assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
     params = SamplingParams(max_tokens=16, ignore_eos=True)

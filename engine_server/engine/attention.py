@@ -3,7 +3,7 @@
 ``CausalAttention`` attends within the tokens of one forward (no cache): it scores
 whole prompts, as a Hugging Face forward does. ``PagedAttention`` is the engine's:
 new K/V go into the paged pool and each sequence attends over its own blocks, with
-the Triton kernels on CUDA. On the CPU it gathers each sequence's whole blocks
+the Triton kernels on CUDA. Without them (on the CPU) it gathers each sequence's whole blocks
 (one copy per block, not per token) and runs PyTorch's fused CPU attention
 (``scaled_dot_product_attention``, grouped-query heads without repeating K/V);
 the torch references in ``kernels.reference`` are the specification both are
@@ -127,7 +127,7 @@ def cpu_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens) 
     v = _gather_blocks(v_cache, block_tables, length)
     mask = None
     if min(lens) != length:  # shorter sequences see only their own tokens
-        mask = (torch.arange(length) < context_lens[:, None])[:, None, None, :]
+        mask = (torch.arange(length, device=q.device) < context_lens[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(q[:, :, None].to(k.dtype), k, v, attn_mask=mask, enable_gqa=True)
     return out[:, :, 0].to(q.dtype)
 
@@ -147,7 +147,7 @@ def cpu_paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_l
         if n == length:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True)
         else:  # query i sits at position length - n + i and sees every key up to it
-            mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+            mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - n, length, device=q.device)[:, None]
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
         out[a:b] = o[0].transpose(0, 1).to(q.dtype)
     return out

@@ -178,6 +178,8 @@ def rms_norm(
 
 # Up to this many rows the float16 matmul is the faster kernel on a CPU (see LlamaModel.use_half_matrices).
 HALF_KERNEL_MAX_ROWS = 2
+# Up to this many, float32 W x^T beats F.linear (x W^T) on these CPUs; beyond, they are even.
+TRANSPOSED_KERNEL_MAX_ROWS = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, half: torch.Tensor | None) -> torch.Tensor:
@@ -185,14 +187,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hal
     float16 matmul semantics: inputs and output rounded to float16, float32 accumulation,
     bias added after. One or two rows run the float16 kernel (half the bytes to read), more
     the float32 one on the float16 values; both give the same numbers, up to summation order.
-    The float32 product is computed as W x^T: with the weight as the left operand MKL picks a
-    kernel 1.3-3x faster for 2-32 rows on these CPUs (benchmarks/results/cpu_smollm2.md)."""
+    Up to 32 rows the float32 product is computed as W x^T: with the weight as the left operand
+    MKL picks a kernel 1.3-3x faster on these CPUs (benchmarks/results/cpu_matmul.txt)."""
     if half is None:
         return F.linear(x, weight, bias)
-    if x.shape[0] <= HALF_KERNEL_MAX_ROWS:
-        y = F.linear(x.half(), half).to(x.dtype)
+    rows = x.shape[0]
+    if rows <= HALF_KERNEL_MAX_ROWS:
+        y = F.linear(x.half(), half)
+    elif rows <= TRANSPOSED_KERNEL_MAX_ROWS:
+        y = torch.mm(weight, x.half().to(x.dtype).t()).t().half()
     else:
-        y = torch.mm(weight, x.half().to(x.dtype).t()).t().half().to(x.dtype).contiguous()
+        y = F.linear(x.half().to(x.dtype), weight).half()
+    y = y.to(x.dtype, memory_format=torch.contiguous_format)
     return y if bias is None else y + bias
 
 
