@@ -42,11 +42,12 @@ class Gen:
 # A message is (role, pieces); an assistant message has exactly one Gen as its piece.
 Message = tuple[str, Sequence["str | Gen"]]
 
+_RESERVED = "\ue000"
 _MARK = re.compile("\ue000([0-9]+)\ue001")
 
 
 def _mark(i: int) -> str:
-    return f"\ue000{i}\ue001"  # private-use characters: no template or prompt writes them
+    return f"\ue000{i}\ue001"  # private-use characters: no template writes them
 
 
 def render_program(fmt: ChatFormat, messages: Sequence[Message]) -> list[str | Gen]:
@@ -55,8 +56,16 @@ def render_program(fmt: ChatFormat, messages: Sequence[Message]) -> list[str | G
     Texts keep the boundaries of the pieces they came from (see the module docstring).
     """
     pieces: list[str | Gen] = [p for _, ps in messages for p in ps]
-    marked = _render(fmt, [(role, "".join(_mark(i) for i in _indices(messages, m))) for m, (role, _) in enumerate(messages)])
-    real = _render(fmt, [(role, "".join(p if isinstance(p, str) else _mark(i) for i, p in _numbered(messages, m))) for m, (role, _) in enumerate(messages)])
+    if any(isinstance(p, str) and _RESERVED in p for p in pieces):
+        raise ChatTemplateError("a text holds U+E000, a private-use character that chat rendering reserves")
+    marked_messages, real_messages = [], []
+    i = 0
+    for role, ps in messages:
+        marks = [_mark(j) for j in range(i, i + len(ps))]
+        marked_messages.append((role, "".join(marks)))
+        real_messages.append((role, "".join(p if isinstance(p, str) else mark for p, mark in zip(ps, marks))))
+        i += len(ps)
+    marked, real = _render(fmt, marked_messages), _render(fmt, real_messages)
     program: list[str | Gen] = []
     glue_start = 0
     for match in _MARK.finditer(marked):
@@ -92,15 +101,6 @@ def check(fmt: ChatFormat, messages: Sequence[Message]) -> None:
 
 
 # ----------------------------------------------------------------------------- internals
-
-
-def _numbered(messages: Sequence[Message], m: int) -> list[tuple[int, str | Gen]]:
-    start = sum(len(ps) for _, ps in messages[:m])
-    return list(enumerate(messages[m][1], start))
-
-
-def _indices(messages: Sequence[Message], m: int) -> list[int]:
-    return [i for i, _ in _numbered(messages, m)]
 
 
 def _join(program: list[str | Gen]) -> str:

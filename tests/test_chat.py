@@ -193,3 +193,26 @@ def test_a_chat_call_whose_conversation_the_template_rejects_is_refused_at_submi
 def test_a_misspelt_role_marker_in_a_chat_function_suggests_role():
     with pytest.raises(TemplateError, match=r"unknown placeholder kind 'rol': expected 'input', 'output' or 'role'; did you mean 'role'\?"):
         SemanticFunction.from_template("f", "{{rol:system}}Hi {{output:a}}", chat=True)
+
+
+def test_a_text_holding_the_reserved_marker_character_is_refused_with_a_reason():
+    with pytest.raises(ChatTemplateError, match="U\\+E000"):
+        render_program(CHATML, [("user", ["a \ue000 b"]), ("assistant", [Gen(0)])])
+
+
+def test_a_chat_call_whose_filled_in_text_cannot_be_rendered_fails_its_variable_with_the_reason():
+    from engine_server.manager.executor import Executor
+    from engine_server.manager.graph import Graph
+    from engine_server.manager.scheduler import Scheduler
+    from engine_server.protocol import InputValue, SubmitCall, VarFailed
+
+    events = []
+    graph = Graph(chat_format=CHATML)
+    executor = Executor(graph, Scheduler(), events.append, lambda engine, msg: None)
+    graph.open_app("app", "app")
+    fn = FunctionSpec("ask", [ChunkSpec("input", name="q"), _output("a")], chat=True)
+    executor.submit(SubmitCall("app", "r1", fn, {"q": InputValue(text="bad \ue000 text")}, {"a": "v1"}))
+    executor.activate("v1", "latency")
+    failed = [e for e in events if isinstance(e, VarFailed)]
+    assert len(failed) == 1 and "call of 'ask'" in failed[0].error and "U+E000" in failed[0].error
+    assert graph.requests["r1"].state == "failed"

@@ -144,3 +144,17 @@ def test_a_gguf_file_loads_through_the_worker_with_half_matrices_and_the_chat_en
     tok = engine.tokenizer
     # The template ends a turn with <|endoftext|>, which the file does not list as EOS: it ends a reply too.
     assert engine.eos_ids == {tok.encode("<|im_end|>")[0], tok.encode("<|endoftext|>")[0]}
+
+
+def test_serve_refuses_a_truncated_gguf_before_starting_an_engine(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_gguf(tmp_path / "m.gguf", random_hf_model())
+    path.write_bytes(path.read_bytes()[:300])
+    out = subprocess.run(
+        [sys.executable, "-m", "engine_server", "--model", str(path), "--connection-file", str(tmp_path / "c.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "m.gguf is truncated or corrupt" in out.stderr or "m.gguf is truncated" in out.stderr

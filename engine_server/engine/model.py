@@ -168,6 +168,7 @@ def rope_cos_sin(
 # Rotate-half RoPE (pairs i, i + head_dim/2): the same function the rotary kernel is tested against.
 apply_rope = reference_rotary
 
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,7 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
     """
     import torch
 
-    from engine_server.chat import end_of_turn
+    from engine_server.chat import ChatTemplateError, end_of_turn
     from engine_server.engine.engine import Engine, EngineConfig
     from engine_server.engine.model import build_tiny_model
     from engine_server.engine.tokenizer import ByteTokenizer
@@ -102,7 +102,10 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
         if fmt is not None:
             # A chat reply ends at the template's end-of-turn token even where the files do not
             # list it as an end of sequence (a token decodes to no text, so no stop string sees it).
-            tokenizer.add_eos_token(end_of_turn(fmt))
+            try:
+                tokenizer.add_eos_token(end_of_turn(fmt))
+            except ChatTemplateError as exc:  # plain completions still work; chat calls will say why
+                log.warning("engine: %s", exc)
     if device.startswith("cuda"):
         defaults = {"max_running": 256, "token_budget": 8192}
     else:

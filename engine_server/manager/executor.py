@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from engine_server.manager import criteria
-from engine_server.manager.graph import Graph, RequestNode
+from engine_server.manager.graph import Graph, GraphError, RequestNode
 from engine_server.manager.prefix import ContextRefs, assign_keys, prefix_lengths
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
@@ -173,7 +173,11 @@ class Executor:
     # ----------------------------------------------------------------- internals
 
     def _enqueue(self, node: RequestNode) -> None:
-        node.segments = self.graph.program(node)
+        try:
+            node.segments = self.graph.program(node)
+        except GraphError as exc:  # a chat template that rejects the filled-in conversation
+            self._fail(node, str(exc))
+            return
         self.contexts.acquire(assign_keys(node.segments))
         node.prefix = prefix_lengths(node.segments)
         node.state = "queued"

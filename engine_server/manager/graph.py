@@ -169,9 +169,13 @@ class Graph:
         assert fmt is not None  # checked when the call was added
         outputs = [c for c in node.function.chunks if c.kind == "output"]
         messages = _messages(node.function, lambda c: self._text(node, c.kind, c.name, c.text))
-        stop = chat.end_of_turn(fmt)
+        try:
+            stop = chat.end_of_turn(fmt)
+            program = chat.render_program(fmt, messages)
+        except chat.ChatTemplateError as exc:
+            raise GraphError(f"call of {node.function.name!r}: {exc}") from None
         segments: list[SegmentSpec] = []
-        for piece in chat.render_program(fmt, messages):
+        for piece in program:
             if isinstance(piece, str):
                 if piece:
                     segments.append(SegmentSpec("text", text=piece))
