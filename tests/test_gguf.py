@@ -82,10 +82,15 @@ def test_a_truncated_gguf_is_refused_as_truncated(tmp_path):
             load_gguf(short)
 
 
-def test_an_unsupported_architecture_is_refused_naming_it(tmp_path):
+def _patched_gguf(tmp_path, old: bytes, new: bytes):
+    """A GGUF file with the first `old` bytes (of the same length) replaced by `new`."""
     path = write_gguf(tmp_path / "m.gguf", random_hf_model())
-    data = path.read_bytes().replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00gemma", 1)
-    path.write_bytes(data)
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    return path
+
+
+def test_an_unsupported_architecture_is_refused_naming_it(tmp_path):
+    path = _patched_gguf(tmp_path, b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00gemma")
     with pytest.raises(ModelLoadError, match="architecture 'gemma' is not supported"):
         load_gguf(path)
 
@@ -97,9 +102,7 @@ def test_a_sentencepiece_vocabulary_is_refused_with_what_to_use_instead(tmp_path
 
 
 def test_a_gguf_without_tokenizer_metadata_is_refused(tmp_path):
-    path = write_gguf(tmp_path / "m.gguf", random_hf_model())
-    data = path.read_bytes().replace(b"tokenizer.ggml.model", b"tokenizer.ggml.mode_", 1)
-    path.write_bytes(data)
+    path = _patched_gguf(tmp_path, b"tokenizer.ggml.model", b"tokenizer.ggml.mode_")
     with pytest.raises(ModelLoadError, match="has no tokenizer"):
         load_gguf(path)
 
