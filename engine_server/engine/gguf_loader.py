@@ -26,7 +26,7 @@ import torch
 from engine_server.gguf_file import GGUFError, GGUFFile
 
 from .hf_tokenizer import HFTokenizer
-from .loader import LoadedModel, ModelLoadError
+from .loader import LoadedModel, ModelLoadError, _few
 from .model import LlamaModel, ModelConfig, RopeScaling, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -238,11 +238,6 @@ def _dequantize(gguf: GGUFFile, name: str) -> np.ndarray:
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved rotary pairs back to rotate-half halves)."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _few(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in sorted(names)[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ----------------------------------------------------------------------------- tokenizer
