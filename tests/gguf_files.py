@@ -36,7 +36,7 @@ _LAYER = {
 }
 
 
-def random_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False):
+def random_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False, rope_scaling: dict | None = None):
     """A small random transformers model of `arch` (every weight random, norms included)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -45,6 +45,8 @@ def random_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False):
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
     )  # fmt: skip
+    if rope_scaling is not None:
+        shape["rope_scaling"] = rope_scaling
     config = LlamaConfig(**shape) if arch == "llama" else Qwen2Config(**shape)
     torch.manual_seed(seed)
     model = (LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM)(config).eval()
@@ -54,8 +56,11 @@ def random_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False):
     return model
 
 
-def write_gguf(path: Path, model, quant: str = "F32", chat_template: str | None = CHATML, **meta_overrides) -> Path:
-    """Write `model` (from random_hf_model) as a GGUF file; matrices in `quant`, norms in F32."""
+def write_gguf(
+    path: Path, model, quant: str = "F32", chat_template: str | None = CHATML, rope_freqs=None, **meta_overrides
+) -> Path:
+    """Write `model` (from random_hf_model) as a GGUF file; matrices in `quant`, norms in F32;
+    `rope_freqs` (per-frequency divisors, as llama.cpp writes Llama 3.1's RoPE scaling) if given."""
     import gguf
     from gguf.quants import quantize
 
@@ -105,6 +110,8 @@ def write_gguf(path: Path, model, quant: str = "F32", chat_template: str | None 
             w.add_tensor(gname, quantize(array, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(array, dtype=np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.ascontiguousarray(rope_freqs, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

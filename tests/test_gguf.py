@@ -161,3 +161,20 @@ def test_serve_refuses_a_truncated_gguf_before_starting_an_engine(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert "m.gguf is truncated or corrupt" in out.stderr or "m.gguf is truncated" in out.stderr
+
+
+def test_llama3_rope_scaling_stored_as_rope_freqs_matches_transformers(tmp_path):
+    from engine_server.engine.model import RopeScaling, rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+    model = random_hf_model(seed=5, rope_scaling=scaling)
+    head_dim, theta = 16, 10000.0
+    scaled = rope_inv_freq(head_dim, theta, RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
+    divisors = (rope_inv_freq(head_dim, theta) / scaled).numpy()  # what llama.cpp's converter writes
+    path = write_gguf(tmp_path / "llama31.gguf", model, rope_freqs=divisors)
+    ours = load_gguf(path)
+    ids = ours.tokenizer.encode(TEXTS[1] * 8)  # long enough for the scaled low frequencies to matter
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(score(ours.model, ids), expected, atol=1e-4, rtol=0)
