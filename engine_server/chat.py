@@ -88,6 +88,7 @@ def render_program(fmt: ChatFormat, messages: Sequence[Message]) -> list[str | G
     return program[: last + 1]
 
 
+@lru_cache(maxsize=8)
 def end_of_turn(fmt: ChatFormat) -> str:
     """What the template writes after an assistant reply (``<|im_end|>``, ``<|eot_id|>``), or ""."""
     rendered = _render(fmt, [("user", _mark(0)), ("assistant", _mark(1))])

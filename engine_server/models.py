@@ -123,23 +123,28 @@ def chat_format(source: ModelSource) -> ChatFormat | None:
 
         gguf = GGUFFile(source.path)
         try:
-            meta = gguf.metadata
-            template = meta.get("tokenizer.chat_template")
-            tokens = meta.get("tokenizer.ggml.tokens") or []
-
-            def token(key: str) -> str:
-                i = meta.get(key)
-                return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
-
-            bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
+            return gguf_chat_format(gguf.metadata)
         finally:
             gguf.close()
-        return ChatFormat(template, bos, eos, add_bos) if isinstance(template, str) and template else None
-    return _hf_chat_format(source.path)
+    return hf_chat_format(source.path)
 
 
-def _hf_chat_format(path: Path) -> ChatFormat | None:
+def gguf_chat_format(meta: dict) -> ChatFormat | None:
+    """The chat format in a GGUF file's metadata (``tokenizer.chat_template`` and the special tokens)."""
+    template = meta.get("tokenizer.chat_template")
+    if not isinstance(template, str) or not template:
+        return None
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str:
+        i = meta.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
+    return ChatFormat(template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), add_bos)
+
+
+def hf_chat_format(path: Path) -> ChatFormat | None:
     """tokenizer_config.json's ``chat_template`` (or chat_template.jinja beside it)."""
     config: dict = {}
     config_file = path / "tokenizer_config.json"

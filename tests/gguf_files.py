@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine_server.models import TINY_CHAT_TEMPLATE
 from tests.checkpoints import QWEN2_SPECIALS, byte_level_bpe
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHATML = TINY_CHAT_TEMPLATE  # ChatML, as SmolLM2's file has it
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",

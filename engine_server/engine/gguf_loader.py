@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine_server.gguf_file import GGUFError, GGUFFile
+from engine_server.models import gguf_chat_format
 
 from .hf_tokenizer import HFTokenizer
 from .loader import LoadedModel, ModelLoadError, _few
@@ -98,7 +99,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     model.requires_grad_(False)
     model.eval()
     name = meta.get("general.name") if isinstance(meta.get("general.name"), str) else path.stem
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=name, chat_format=gguf_chat_format(meta))
 
 
 # ----------------------------------------------------------------------------- shape
@@ -147,7 +148,7 @@ def _config(gguf: GGUFFile, path: Path) -> tuple[ModelConfig, torch.Tensor | Non
             rope_theta=theta,
             norm_eps=float(field("attention.layer_norm_rms_epsilon")),
             head_dim=head_dim,
-            attention_bias=f"blk.0.attn_q.bias" in gguf.tensors,
+            attention_bias="blk.0.attn_q.bias" in gguf.tensors,
             tie_embeddings="output.weight" not in gguf.tensors,
             rope_scaling=scaling,
             arch=arch,

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from engine_server.models import ChatFormat, hf_chat_format
+
 from .hf_tokenizer import HFTokenizer, read_json_object
 from .model import LlamaModel, ModelConfig, RopeScaling
 
@@ -46,6 +48,7 @@ class LoadedModel:
     tokenizer: HFTokenizer
     config: ModelConfig
     name: str
+    chat_format: ChatFormat | None = None  # the chat template the files carry
 
 
 def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -194,7 +197,9 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, name=_model_name(path))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, config=config, name=_model_name(path), chat_format=hf_chat_format(path)
+    )
 
 
 def _model_name(path: Path) -> str:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from engine_server.models import chat_format, resolve_model
+from engine_server.models import resolve_model
 from engine_server.protocol import (
     ProtocolError,
     ReleaseContexts,
@@ -98,7 +98,7 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
         net, tokenizer = loaded.model, loaded.tokenizer
         if device == "cpu":
             net.use_half_matrices()  # decode reads half the bytes (see LlamaModel.use_half_matrices)
-        fmt = chat_format(source)
+        fmt = loaded.chat_format
         if fmt is not None:
             # A chat reply ends at the template's end-of-turn token even where the files do not
             # list it as an end of sequence (a token decodes to no text, so no stop string sees it).

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from engine_server import chat
 from engine_server.models import ChatFormat
-from engine_server.protocol import FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall
+from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall
 
 
 class GraphError(ValueError):
@@ -153,22 +153,22 @@ class Graph:
         for chunk in node.function.chunks:
             if chunk.kind == "output":
                 segments.append(SegmentSpec("gen", var_id=node.outputs[chunk.name], sampling=chunk.sampling))
-            elif text := self._text(node, chunk.kind, chunk.name, chunk.text):
+            elif text := self._text(node, chunk):
                 segments.append(SegmentSpec("text", text=text))
         return segments
 
-    def _text(self, node: RequestNode, kind: str, name: str, text: str) -> str:
+    def _text(self, node: RequestNode, chunk: ChunkSpec) -> str:
         """A text or input chunk's text (an input's value once its producer is done)."""
-        if kind == "text":
-            return text
-        value = node.inputs[name]
+        if chunk.kind == "text":
+            return chunk.text
+        value = node.inputs[chunk.name]
         return value.text if value.text is not None else self.variables[value.var_id].value or ""
 
     def _chat_program(self, node: RequestNode) -> list[SegmentSpec]:
         fmt = self.chat_format
         assert fmt is not None  # checked when the call was added
         outputs = [c for c in node.function.chunks if c.kind == "output"]
-        messages = _messages(node.function, lambda c: self._text(node, c.kind, c.name, c.text))
+        messages = _messages(node.function, lambda c: self._text(node, c))
         try:
             stop = chat.end_of_turn(fmt)
             program = chat.render_program(fmt, messages)
