@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import msgpack
 import pytest
@@ -105,6 +106,38 @@ def test_connection_file_is_private_and_reads_back(tmp_path) -> None:
     path = info.write(tmp_path / "c.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ConnectionInfo.read(path) == info
+
+
+def test_connection_file_is_never_seen_half_written(tmp_path) -> None:
+    # A client polls for the file while the server writes it: every read that finds the
+    # file must find all of it.
+    info = ConnectionInfo("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "k" * 64, pid=os.getpid(), model="tiny")
+    path = tmp_path / "c.json"
+    done = threading.Event()
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                ConnectionInfo.read(path)
+            except FileNotFoundError:
+                pass
+            except ValueError as exc:
+                bad.append(str(exc))
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(1000):
+            info.write(path)
+            if bad:
+                break
+    finally:
+        done.set()
+        thread.join()
+    assert bad == []
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
 
 
 def test_missing_connection_file_says_how_to_get_one(tmp_path) -> None:
