@@ -43,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the connection file (default: Jupyter's runtime dir, parrot-nb-server-PID.json)",
     )
     parser.add_argument("--event-log", type=Path, default=None, help="append every request and event to this JSONL file")
+    life = parser.add_argument_group("clients and lifetime")
+    life.add_argument(
+        "--client-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+        help="a client that sends nothing (clients heartbeat) for this long is taken as dead: its unfinished "
+        "requests are cancelled and its applications closed (default: 10)",
+    )  # fmt: skip
+    life.add_argument(
+        "--owner-pid", type=_positive_int, default=None, metavar="PID",
+        help="stop once process PID has exited and no client is connected (`%%parrot start` passes its "
+        "kernel's pid); without it the server runs until stopped",
+    )  # fmt: skip
+    life.add_argument(
+        "--max-pending-per-app", type=_positive_int, default=10_000, metavar="N",
+        help="refuse calls into an application that already has N unfinished requests (default: 10000)",
+    )  # fmt: skip
+    life.add_argument(
+        "--max-pending", type=_positive_int, default=50_000, metavar="N",
+        help="refuse calls while the server holds N unfinished requests in all (default: 50000)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     engine = parser.add_argument_group("engine sizing (per engine worker)")
     engine.add_argument(
@@ -71,6 +90,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -106,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         connection_file=args.connection_file,
         event_log=args.event_log,
         engine_options=engine_options(args),
+        client_timeout_s=args.client_timeout,
+        owner_pid=args.owner_pid,
+        max_pending_per_app=args.max_pending_per_app,
+        max_pending=args.max_pending,
     )
     try:
         server = EngineServer(config)

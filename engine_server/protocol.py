@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import math
+import numbers
 import os
 import types
 import typing
@@ -71,9 +73,65 @@ Perf = Literal["latency", "throughput"]
 VarStateName = Literal["pending", "running", "done", "failed"]
 
 
+#: Seeds are 64-bit signed integers, as every sampler and wire format we meet takes them.
+MAX_SEED = 2**63 - 1
+
+
+def check_sampling_option(key: str, value: object) -> object:
+    """The one rulebook for a sampling option: check ``value`` and return it normalised.
+
+    The notebook side runs it when a function is defined, the server when it accepts
+    a call, and the engine's sampler when it builds its parameters, so the three can
+    never disagree. Raises ``TypeError`` (wrong type) or ``ValueError`` (out of range,
+    or an unknown key); messages name the option, and callers add where it came from.
+    ``temperature`` and ``top_p`` become floats, ``stop`` a tuple of strings.
+    """
+    if key in ("max_tokens", "top_k", "seed"):
+        expected = {"max_tokens": "an int >= 1", "top_k": "an int >= 0", "seed": f"an int in 0..{MAX_SEED} (2**63-1)"}[key]
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"option {key!r} must be {expected}, got {describe_value(value)}")
+        number = int(value)
+        low, high = {"max_tokens": (1, None), "top_k": (0, None), "seed": (0, MAX_SEED)}[key]
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"option {key!r} must be {expected}, got {number}")
+        return number
+    if key in ("temperature", "top_p"):
+        expected = "a number >= 0" if key == "temperature" else "a number in (0, 1]"
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"option {key!r} must be {expected}, got {describe_value(value)}")
+        number = float(value)
+        in_range = number >= 0 if key == "temperature" else 0 < number <= 1
+        if not math.isfinite(number) or not in_range:
+            raise ValueError(f"option {key!r} must be {expected}, got {value!r}")
+        return number
+    if key == "ignore_eos":
+        if not isinstance(value, bool):
+            raise TypeError(f"option 'ignore_eos' must be a bool (true/false), got {describe_value(value)}")
+        return value
+    if key == "stop":
+        expected = "a non-empty string or a list of non-empty strings"
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+            raise TypeError(f"option 'stop' must be {expected}, got {describe_value(value)}")
+        # An empty stop string would end generation before the first token.
+        if any(s == "" for s in items):
+            raise ValueError(f"option 'stop' must be {expected}, got an empty string")
+        return tuple(items)
+    raise ValueError(f"unknown sampling option {key!r}; allowed options: {', '.join(sorted(SAMPLING_OPTIONS))}")
+
+
+def describe_value(value: object) -> str:
+    """``repr`` of a value (shortened) plus its type, for messages about wrong types."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
 @dataclass
 class SamplingSpec:
-    """Sampling settings of one output variable, fully resolved by the client."""
+    """Sampling settings of one output variable, fully resolved by the client.
+
+    ``check()`` applies the rulebook (``check_sampling_option``) to every field.
+    """
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -82,6 +140,17 @@ class SamplingSpec:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raise ``TypeError``/``ValueError`` naming the first option that breaks the rules."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (f.name == "stop" and value == []) and not (f.name == "seed" and value is None):
+                check_sampling_option(f.name, value)
+
+
+#: The options a placeholder may set, with their defaults (``SamplingSpec``'s fields).
+SAMPLING_OPTIONS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SamplingSpec))
 
 
 @dataclass
@@ -159,6 +228,8 @@ class AppInfo:
     failed: int
     prompt_tokens: int = 0  # over its finished requests
     cached_tokens: int = 0  # of those, served from cached contexts
+    cancelled: int = 0
+    closed: bool = False
 
 
 # --------------------------------------------------------------------------- #
@@ -216,6 +287,47 @@ class Activate(Message):
 
 
 @dataclass
+class Cancel(Message):
+    """Stop waiting for these variables: they fail as cancelled, with the requests only they needed.
+
+    A request that another requested variable still waits on keeps running. Running
+    requests are aborted on their engine, which frees their KV cache. The reply is
+    ``Cancelled``.
+    """
+
+    app_id: str
+    var_ids: list[str]
+    reason: str = "cancelled"
+
+
+@dataclass
+class Forget(Message):
+    """The client dropped these variables: the server may free them once nothing else needs them."""
+
+    var_ids: list[str]
+
+
+@dataclass
+class CloseApp(Message):
+    """The application takes no more calls; its finished work is freed.
+
+    Requests of it that a variable of another application still needs keep running.
+    """
+
+    app_id: str
+
+
+@dataclass
+class Heartbeat(Message):
+    """A client is alive. One that sends nothing for the server's client timeout is taken as dead."""
+
+
+@dataclass
+class Goodbye(Message):
+    """The client is disconnecting: cancel what only it waited for and close its applications."""
+
+
+@dataclass
 class Status(Message):
     """Ask for ``ServerStatus``."""
 
@@ -250,6 +362,16 @@ class Welcome(Message):
     protocol_version: int
     model: str
     engines: int
+    # A client that sends nothing for this long is taken as dead: heartbeat well within it.
+    client_timeout_s: float = 10.0
+
+
+@dataclass
+class Cancelled(Message):
+    """The reply to ``Cancel``: the variables that failed as cancelled and the requests stopped."""
+
+    var_ids: list[str]
+    request_ids: list[str]
 
 
 @dataclass
@@ -276,6 +398,10 @@ class ServerStatus(Message):
     engines: list[EngineInfo]
     apps: list[AppInfo]
     queued: int
+    clients: int = 0  # connected clients that said Hello
+    requests: int = 0  # requests the server holds (freed once nothing can reach them)
+    variables: int = 0
+    unfinished: int = 0  # requests not yet done, failed or cancelled
 
 
 # --------------------------------------------------------------------------- #
@@ -283,12 +409,13 @@ class ServerStatus(Message):
 #
 # One schema for notebooks, widgets and tools (docs/ARCHITECTURE.md, "Events").
 # Per request: RequestQueued -> RequestDispatched -> RequestFirstToken ->
-# RequestFinished | RequestFailed (a retry after an engine crash is queued and
-# dispatched again). Per variable: TokenDelta, VarReady | VarFailed, and
-# ActivationDone for a requested one. Per application: AppStats. Per engine:
-# EngineChanged, EngineLoad. Times ``t`` are Unix seconds at the server;
-# durations (``*_s``) are measured on its monotonic clock. Fields are only ever
-# added, with defaults, so consumers ignore what they do not know.
+# RequestFinished | RequestFailed | RequestCancelled (a retry after an engine
+# crash is queued and dispatched again). Per variable: TokenDelta, VarReady |
+# VarFailed, and ActivationDone for a requested one. Per application: AppStats,
+# AppClosed. Per client: ClientGone. Per engine: EngineChanged, EngineLoad.
+# Times ``t`` are Unix seconds at the server; durations (``*_s``) are measured
+# on its monotonic clock. Fields are only ever added, with defaults, so
+# consumers ignore what they do not know.
 # --------------------------------------------------------------------------- #
 
 
@@ -393,6 +520,7 @@ class AppStats(Message):
     cached_tokens: int
     cache_hit_rate: float  # cached_tokens / prompt_tokens
     t: float
+    cancelled: int = 0
 
 
 @dataclass
@@ -400,6 +528,35 @@ class RequestFailed(Message):
     app_id: str
     request_id: str
     error: str
+    t: float
+
+
+@dataclass
+class RequestCancelled(Message):
+    """A request was cancelled (``Cancel``, a closed application, a dead client) before it finished."""
+
+    app_id: str
+    request_id: str
+    reason: str
+    t: float
+
+
+@dataclass
+class AppClosed(Message):
+    """An application was closed: by its client, at its client's disconnect, or when its client died."""
+
+    app_id: str
+    reason: str
+    t: float
+
+
+@dataclass
+class ClientGone(Message):
+    """A client said goodbye or went silent past the client timeout."""
+
+    client_id: str
+    name: str
+    reason: str
     t: float
 
 
@@ -441,6 +598,7 @@ class WorkerHello(Message):
     max_running: int = 1  # sequences the engine batches at once
     kv_blocks: int = 0  # KV pool size in blocks
     block_size: int = 0  # tokens per KV block
+    max_context: int = 0  # the model's context length in tokens (prompt + outputs); 0: unknown
 
 
 @dataclass
@@ -501,6 +659,13 @@ class ReleaseContexts(Message):
     """The manager no longer needs these cached contexts: the engine may drop them first."""
 
     keys: list[str]
+
+
+@dataclass
+class AbortRequest(Message):
+    """Drop a request wherever it is in the engine and free its KV cache; nothing more is sent for it."""
+
+    request_id: str
 
 
 @dataclass
@@ -750,3 +915,19 @@ def find_connection_files(directory: str | os.PathLike[str] | None = None) -> li
     d = Path(directory) if directory is not None else runtime_dir()
     files = list(d.glob(f"{CONNECTION_PREFIX}*.json")) if d.is_dir() else []
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie is not), without being allowed to signal it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child (ours, not yet reaped) still answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

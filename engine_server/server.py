@@ -37,13 +37,21 @@ from engine_server.protocol import (
     PROTOCOL_VERSION,
     Ack,
     Activate,
+    AppClosed,
     AppInfo,
     AppOpened,
+    Cancel,
+    Cancelled,
+    ClientGone,
+    CloseApp,
     ConnectionInfo,
     EngineChanged,
     EngineInfo,
     ErrorReply,
     EventsSynced,
+    Forget,
+    Goodbye,
+    Heartbeat,
     Hello,
     Message,
     OpenApp,
@@ -65,6 +73,7 @@ from engine_server.protocol import (
     encode,
     new_id,
     peek_id,
+    pid_alive,
     runtime_dir,
     to_dict,
 )
@@ -75,6 +84,12 @@ LOOPBACK = "127.0.0.1"
 # An engine that dies more often than this within RESTART_WINDOW_S is left dead.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
+# How often the loop checks clients' liveness and its owner, and frees what nothing reaches.
+HOUSEKEEPING_S = 0.5
+
+
+class Overloaded(GraphError):
+    """A call past a limit on unfinished requests; the message names the limit and its flag."""
 
 
 @dataclass
@@ -90,6 +105,24 @@ class ServerConfig:
     # Sizing passed to every worker as --name value (max_running, token_budget, kv_cache_mb,
     # gpu_memory_utilization); see `parrot-nb serve --help`.
     engine_options: dict[str, str] = field(default_factory=dict)
+    # A client silent for this long is dead: its requests are cancelled and its apps closed.
+    client_timeout_s: float = 10.0
+    # The process that owns this server (a notebook kernel): once it has exited and no client
+    # is left, the server stops. None: it runs until stopped (`parrot-nb serve`).
+    owner_pid: int | None = None
+    # Back-pressure: calls past these many unfinished requests are refused.
+    max_pending_per_app: int = 10_000
+    max_pending: int = 50_000
+
+
+@dataclass
+class ClientRecord:
+    """A client that said Hello, known by its socket identity."""
+
+    client_id: str
+    name: str
+    last_seen: float  # monotonic time of its last message
+    apps: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -125,12 +158,20 @@ class EngineServer:
         self.connection_file: Path | None = None
         self._event_log: IO[str] | None = None
         self._running = False
+        self.clients: dict[bytes, ClientRecord] = {}  # by socket identity
+        self._identity: bytes = b""  # of the client whose request is being handled
+        self._housekept = 0.0
         self._handlers = {
             Hello: self._on_hello,
             SyncEvents: self._on_sync,
             OpenApp: self._on_open_app,
             SubmitCall: self._on_submit,
             Activate: self._on_activate,
+            Cancel: self._on_cancel,
+            Forget: self._on_forget,
+            CloseApp: self._on_close_app,
+            Heartbeat: self._on_heartbeat,
+            Goodbye: self._on_goodbye,
             Status: self._on_status,
             Shutdown: self._on_shutdown,
         }
@@ -182,8 +223,10 @@ class EngineServer:
                     self._drain(self.requests, self._on_client_frames)
                 try:
                     self._supervise_engines()
+                    if time.monotonic() - self._housekept >= HOUSEKEEPING_S:
+                        self._housekeeping()
                 except Exception:  # a bug here must not take every notebook's server down
-                    log.exception("error supervising engines")
+                    log.exception("error supervising engines and clients")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -258,13 +301,20 @@ class EngineServer:
             reply = ErrorReply("malformed", f"malformed request: {exc}")
             self._send_frames(self.requests, [identity], reply, ref=peek_id(rest) if rest else None)
             return
-        self._log("in", env.msg)
+        if not isinstance(env.msg, Heartbeat):
+            self._log("in", env.msg)
+        client = self.clients.get(identity)
+        if client is not None:
+            client.last_seen = time.monotonic()
+        self._identity = identity
         handler = self._handlers.get(type(env.msg))
         if handler is None:
             reply: Message = ErrorReply("unexpected", f"{env.msg.TYPE} is not a request this server accepts")
         else:
             try:
                 reply = handler(env.msg)
+            except Overloaded as exc:
+                reply = ErrorReply("overloaded", str(exc))
             except (GraphError, ValueError) as exc:
                 reply = ErrorReply("invalid", str(exc))
             except Exception as exc:  # a bug must not take the server (and every notebook) down
@@ -273,17 +323,38 @@ class EngineServer:
         self._send_frames(self.requests, [identity], reply, ref=env.id)
 
     def _on_hello(self, msg: Hello) -> Message:
-        return Welcome(new_id(), __version__, PROTOCOL_VERSION, self.model.name, len(self.engines))
+        client = self.clients.get(self._identity)
+        if client is None:
+            client = self.clients[self._identity] = ClientRecord(new_id(), msg.client_name, time.monotonic())
+        return Welcome(
+            client.client_id, __version__, PROTOCOL_VERSION, self.model.name, len(self.engines),
+            self.config.client_timeout_s,
+        )  # fmt: skip
 
     def _on_sync(self, msg: SyncEvents) -> Message:
         self.publish(EventsSynced(msg.token))
         return Ack()
 
     def _on_open_app(self, msg: OpenApp) -> Message:
-        app = self.graph.open_app(new_id(), msg.name)
+        client = self.clients.get(self._identity)
+        app = self.graph.open_app(new_id(), msg.name, client.client_id if client else None)
+        if client is not None:
+            client.apps.add(app.id)
         return AppOpened(app.id, app.name)
 
     def _on_submit(self, msg: SubmitCall) -> Message:
+        app = self.graph.apps.get(msg.app_id)
+        limit = self.config.max_pending_per_app
+        if app is not None and app.unfinished >= limit:
+            raise Overloaded(
+                f"application {app.name!r} already has {app.unfinished} unfinished requests, its limit "
+                f"(--max-pending-per-app {limit}); wait for some to finish (.get() them), then call again"
+            )
+        if self.graph.unfinished >= self.config.max_pending:
+            raise Overloaded(
+                f"the server already has {self.graph.unfinished} unfinished requests, its limit "
+                f"(--max-pending {self.config.max_pending}); wait for some to finish, then call again"
+            )
         self.executor.submit(msg)
         return Ack()
 
@@ -293,6 +364,61 @@ class EngineServer:
         self.executor.activate(msg.var_id, msg.perf)
         self._fail_if_no_engine_left()
         return self.executor.var_state(msg.var_id)
+
+    def _on_cancel(self, msg: Cancel) -> Message:
+        var_ids, request_ids = self.executor.cancel(msg.var_ids, msg.reason)
+        return Cancelled(var_ids, request_ids)
+
+    def _on_forget(self, msg: Forget) -> Message:
+        self.graph.forget(msg.var_ids)
+        return Ack()
+
+    def _on_close_app(self, msg: CloseApp) -> Message:
+        if msg.app_id not in self.graph.apps:
+            raise GraphError(f"unknown application {msg.app_id!r}")
+        if not self.graph.apps[msg.app_id].closed:
+            self.executor.close_app(msg.app_id, "closed by its client")
+            self.publish(AppClosed(msg.app_id, "closed by its client", time.time()))
+        return Ack()
+
+    def _on_heartbeat(self, msg: Heartbeat) -> Message:
+        if self._identity not in self.clients:
+            return ErrorReply(
+                "gone",
+                f"this server dropped the connection after more than {self.config.client_timeout_s:g} s of silence "
+                "and cancelled its requests; reconnect with `%parrot connect` (parrot_nb.connect())",
+            )
+        return Ack()
+
+    def _on_goodbye(self, msg: Goodbye) -> Message:
+        client = self.clients.pop(self._identity, None)
+        if client is not None:
+            self._client_gone(client, "it disconnected")
+        return Ack()
+
+    def _client_gone(self, client: ClientRecord, reason: str) -> None:
+        """A client left or died: what only it waited for is cancelled, and its apps are closed."""
+        for app_id in sorted(client.apps):
+            if app_id in self.graph.apps and not self.graph.apps[app_id].closed:
+                why = f"its client {client.name!r} is gone: {reason}"
+                self.executor.close_app(app_id, why, forget=True)
+                self.publish(AppClosed(app_id, why, time.time()))
+        self.publish(ClientGone(client.client_id, client.name, reason, time.time()))
+        log.info("client %s (%s) is gone: %s", client.client_id, client.name, reason)
+
+    def _housekeeping(self) -> None:
+        """Drop silent clients, stop when the owner is gone, free what nothing reaches."""
+        now = self._housekept = time.monotonic()
+        timeout = self.config.client_timeout_s
+        for identity, client in list(self.clients.items()):
+            if now - client.last_seen > timeout:
+                del self.clients[identity]
+                self._client_gone(client, f"no message from it for more than {timeout:g} s")
+        owner = self.config.owner_pid
+        if owner is not None and not self.clients and not pid_alive(owner):
+            log.info("the process that started this server (pid %d) has exited and no client is left: stopping", owner)
+            self._running = False
+        self.executor.collect()
 
     def _on_status(self, msg: Status) -> Message:
         engines = []
@@ -306,7 +432,10 @@ class EngineServer:
                 )  # fmt: skip
             )
         apps = [
-            AppInfo(app.id, app.name, len(app.requests), app.done, app.failed, app.prompt_tokens, app.cached_tokens)
+            AppInfo(
+                app.id, app.name, app.submitted, app.done, app.failed, app.prompt_tokens, app.cached_tokens,
+                app.cancelled, bool(app.closed),
+            )  # fmt: skip
             for app in self.graph.apps.values()
         ]
         return ServerStatus(
@@ -318,6 +447,10 @@ class EngineServer:
             engines,
             apps,
             len(self.scheduler),
+            clients=len(self.clients),
+            requests=len(self.graph.requests),
+            variables=len(self.graph.variables),
+            unfinished=self.graph.unfinished,
         )
 
     def _on_shutdown(self, msg: Shutdown) -> Message:

@@ -26,7 +26,12 @@ def current_app_name() -> str:
 
 @contextmanager
 def app(name: str) -> Iterator[str]:
-    """Make calls inside the block part of the application ``name``."""
+    """Make calls inside the block part of the application ``name``.
+
+    When the block ends, the application is closed on the server as soon as every
+    variable made in it is done or dropped, so the server can free it; a later block
+    with the same name opens a new application.
+    """
     if not isinstance(name, str) or not name.strip():
         raise ValueError("an application name must be a non-empty string")
     token = _current.set(name)
@@ -34,3 +39,9 @@ def app(name: str) -> Iterator[str]:
         yield name
     finally:
         _current.reset(token)
+        if _current.get() != name:  # the outermost block of this name
+            from parrot_nb import session
+
+            client = session.current_client()
+            if client is not None:
+                client.close_app_when_settled(name)

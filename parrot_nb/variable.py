@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine_server.protocol import (
     Activate,
+    Cancel,
     ErrorReply,
     Message,
     Perf,
@@ -82,7 +83,8 @@ class SemanticVariable:
         ``perf`` tells the server what to optimise the requests behind this
         variable for: ``latency`` (someone is waiting) or ``throughput``.
         Raises ``SemanticVariableError`` if the request failed and
-        ``TimeoutError`` after ``timeout`` seconds.
+        ``TimeoutError`` after ``timeout`` seconds. Interrupting the wait
+        (Ctrl-C, the notebook's stop button) cancels the variable.
         """
         self.activate(perf)
         try:
@@ -92,10 +94,35 @@ class SemanticVariable:
                 f"{self._label()} was not ready within {timeout:g} s (state: {self._state}); "
                 "it keeps running: call .get() again to wait longer"
             ) from None
+        except KeyboardInterrupt:
+            self.cancel("interrupted while waiting in .get()")
+            raise
+
+    def cancel(self, reason: str = "cancelled with .cancel()") -> bool:
+        """Stop waiting for this variable; False if it had already finished.
+
+        It fails with a "cancelled" error, and the server cancels the requests that only
+        it needed (aborting them on their engine, which frees their KV cache); requests
+        another requested variable still waits on keep running. Call the function again
+        to compute it anew.
+        """
+        if self._future.done():
+            return False
+        self._fail(f"cancelled ({reason}); call {self.function}() again to compute it")
+        self._client.request(Cancel(self.app_id, [self.id], reason), reply=False)
+        return True
 
     def __await__(self) -> Generator[Any, None, str]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> str:
         self.activate("latency")
-        return asyncio.wrap_future(self._future).__await__()
+        try:
+            # Shielded: a cancelled await must not cancel the shared future, only this wait.
+            return await asyncio.shield(asyncio.wrap_future(self._future))
+        except asyncio.CancelledError:
+            self.cancel("its awaiting task was cancelled")
+            raise
 
     def __repr__(self) -> str:
         if self._state == "done":
@@ -146,7 +173,8 @@ class SemanticVariable:
                 if done:
                     return
         except KeyboardInterrupt:
-            # Interrupting the display does not cancel the request: it keeps running on the server.
+            # An interrupted cell stops waiting: what only this display needed is cancelled.
+            self.cancel("the cell displaying it was interrupted")
             handle.update(self._repr_mimebundle_(), raw=True)
 
     # ----------------------------------------------------------------- events (client I/O thread)

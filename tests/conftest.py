@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,9 @@ import pytest
 # Every server the tests start writes its connection file here, never into the user's runtime dir,
 # and `connect()` without a file finds only these.
 os.environ["JUPYTER_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="parrot-nb-test-runtime-")
+# Every process the run starts inherits this mark, so the run can find any it left behind.
+RUN_MARK = f"PARROT_NB_TEST_RUN={uuid.uuid4().hex}"
+os.environ["PARROT_NB_TEST_RUN"] = RUN_MARK.split("=", 1)[1]
 
 import parrot_nb  # noqa: E402
 from engine_server.protocol import ConnectionInfo  # noqa: E402
@@ -36,12 +41,16 @@ class ServerProcess:
         cmd += ["--event-log", str(self.event_log), *model, *args]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 120
-        while not self.connection_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        self.info = ConnectionInfo.read(self.connection_file)
+        try:
+            deadline = time.monotonic() + 120
+            while not self.connection_file.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+                time.sleep(0.05)
+            self.info = ConnectionInfo.read(self.connection_file)
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
 
     def client(self) -> Client:
         return Client(self.info)
@@ -65,24 +74,72 @@ class ServerProcess:
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     """A fresh server for one test (for tests that crash or stop it)."""
     server = ServerProcess(tmp_path)
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for a whole test module."""
     server = ServerProcess(tmp_path_factory.mktemp("server"))
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 def connected(shared_server: ServerProcess) -> Iterator[ServerProcess]:
     """This process's parrot_nb session connected to the module's server."""
     parrot_nb.connect(shared_server.connection_file)
-    yield shared_server
+    try:
+        yield shared_server
+    finally:
+        parrot_nb.disconnect()
+
+
+def _processes_of_this_run() -> dict[int, str]:
+    """Live processes (not zombies) other than this one that carry this run's mark: pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if RUN_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any server, engine worker or kernel it started is still running (and end them)."""
+    if not Path("/proc").is_dir():
+        return
     parrot_nb.disconnect()
+    deadline = time.monotonic() + 15  # servers told to stop may take a moment to exit
+    while (left := _processes_of_this_run()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not left:
+        return
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+    message = f"FAILED: the test run left {len(left)} process(es) running (now killed):\n{lines}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("\n" + message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

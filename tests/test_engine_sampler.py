@@ -4,8 +4,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine_server.engine.sampler import Sampler, SamplingParams
+from engine_server.protocol import SAMPLING_OPTIONS, SamplingSpec
+from parrot_nb.template import validate_options
 
 
 def random_logits(seed: int, n: int = 259) -> torch.Tensor:
@@ -42,7 +46,7 @@ def test_stop_list_is_stored_as_tuple():
         ("stop", ("ok", "")),
         ("stop", "\n"),
         ("seed", -1),
-        ("seed", 2**64),
+        ("seed", 2**63),
         ("ignore_eos", 1),
     ],
 )
@@ -105,3 +109,32 @@ def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing():
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
     sampler = Sampler(SamplingParams(temperature=1e-45, seed=0))
     assert [sampler.sample(logits) for _ in range(5)] == [1] * 5
+
+
+_ANY_VALUE = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, -1, 2**63 - 1, 2**63, 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=3),
+    st.lists(st.text(max_size=2), max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(key=st.sampled_from(sorted(SAMPLING_OPTIONS)), value=_ANY_VALUE)
+def test_notebook_manager_and_sampler_accept_and_refuse_the_same_options(key, value):
+    """One rulebook: a value the notebook accepts, the server and the engine accept too, and vice versa."""
+    def accepted(check) -> bool:
+        try:
+            check()
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    notebook = accepted(lambda: validate_options({key: value}, where="test"))
+    manager = accepted(lambda: SamplingSpec(**{key: list(value) if key == "stop" and isinstance(value, list) else value}).check())
+    engine = accepted(lambda: SamplingParams(**{key: tuple(value) if key == "stop" and isinstance(value, list) else value}))
+    if key == "stop" and isinstance(value, str):
+        engine = notebook  # the notebook turns one stop string into a list before it is sent
+    assert notebook == manager == engine, (key, value, notebook, manager, engine)

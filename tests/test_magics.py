@@ -17,7 +17,7 @@ import pytest
 import parrot_nb
 from engine_server.protocol import CONNECTION_PREFIX, runtime_dir
 from parrot_nb import session
-from parrot_nb.client import _pid_alive
+from engine_server.protocol import pid_alive
 from parrot_nb.magics import PARROT_USAGE
 
 # --------------------------------------------------------------------------- fixtures
@@ -305,7 +305,7 @@ def test_parrot_start_status_stop(ip, capsys):
         client = session.current_client()
         assert client is not None
         pid = client.info.pid
-        assert _pid_alive(pid)
+        assert pid_alive(pid)
         status = repr(ip.run_line_magic("parrot", "status"))
         assert f"pid {pid}" in status
         assert "engine 0:" in status
@@ -314,7 +314,7 @@ def test_parrot_start_status_stop(ip, capsys):
         assert "engine server stopped" in capsys.readouterr().out
         assert session._client is None
         assert session.current_client() is None
-        assert not _pid_alive(pid)
+        assert not pid_alive(pid)
     finally:
         _cleanup_session()
 

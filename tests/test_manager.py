@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine_server.manager import scheduler as scheduling
 from engine_server.manager.executor import Executor
-from engine_server.manager.graph import Graph
+from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.prefix import assign_keys
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
+    AbortRequest,
     ActivationDone,
     AppStats,
     ChunkSpec,
@@ -16,6 +19,7 @@ from engine_server.protocol import (
     InputValue,
     Message,
     ReleaseContexts,
+    RequestCancelled,
     RequestFirstToken,
     RunRequest,
     SamplingSpec,
@@ -341,3 +345,109 @@ def test_events_report_first_token_cache_hits_and_activation_latency() -> None:
     assert (stats.prompt_tokens, stats.cached_tokens, stats.cache_hit_rate, stats.done) == (10, 4, 0.4, 1)
     (done,) = [e for e in m.events if isinstance(e, ActivationDone)]
     assert (done.var_id, done.perf, done.state) == (a, "latency", "done")
+
+
+# --------------------------------------------------------------------------- cancel and forgetting
+
+
+def test_cancel_aborts_a_running_request_on_its_engine_and_fails_its_variable() -> None:
+    m = Manager()
+    out = m.call("a")
+    m.executor.activate(out, "latency")
+    assert m.graph.requests["a"].state == "running"
+    failed, cancelled = m.executor.cancel([out], "stop")
+    assert (failed, cancelled) == ([out], ["a"])
+    assert AbortRequest("a") in [msg for _, msg in m.sent]
+    assert m.graph.variables[out].error == "cancelled: stop"
+    assert [e.request_id for e in m.events if isinstance(e, RequestCancelled)] == ["a"]
+    assert m.scheduler.engines[0].running == set()
+
+
+def test_cancel_spares_an_upstream_request_that_another_requested_variable_needs() -> None:
+    m = Manager(capacity=4)
+    shared = m.call("shared")
+    left = m.call("left", {"x": InputValue(var_id=shared)})
+    right = m.call("right", {"x": InputValue(var_id=shared)})
+    m.executor.activate(left, "latency")
+    m.executor.activate(right, "latency")
+    failed, cancelled = m.executor.cancel([left], "stop")
+    assert (failed, cancelled) == ([left], ["left"])
+    assert m.graph.requests["shared"].state == "running"
+    m.finish("shared")
+    assert m.graph.requests["right"].state == "running"  # still runs for the variable that waits on it
+
+
+def test_cancel_takes_the_whole_unshared_chain_upstream() -> None:
+    m = Manager()
+    first = m.call("first")
+    second = m.call("second", {"x": InputValue(var_id=first)})
+    m.executor.activate(second, "latency")
+    _, cancelled = m.executor.cancel([second], "stop")
+    assert sorted(cancelled) == ["first", "second"]
+    assert len(m.scheduler) == 0 and m.graph.apps[m.app].unfinished == 0
+
+
+def test_collect_frees_finished_requests_whose_variables_were_dropped() -> None:
+    m = Manager()
+    kept, dropped = m.call("kept"), m.call("dropped")
+    for var in (kept, dropped):
+        m.executor.activate(var, "latency")
+        m.finish(var.split(".")[0])
+    m.graph.forget([dropped])
+    assert m.executor.collect() == 1
+    assert set(m.graph.requests) == {"kept"} and set(m.graph.variables) == {kept}
+    assert m.graph.apps[m.app].submitted == 2 and m.graph.apps[m.app].done == 2
+
+
+def test_collect_keeps_a_dropped_input_that_a_waiting_call_still_reads() -> None:
+    m = Manager()
+    source = m.call("source")
+    m.executor.activate(source, "latency")
+    m.finish("source", "the value")
+    reader = m.call("reader", {"x": InputValue(var_id=source)})
+    m.graph.forget([source])
+    assert m.executor.collect() == 0
+    m.executor.activate(reader, "latency")
+    assert "the value" in [s.text for s in m.runs()[-1].segments]
+    m.graph.forget([reader])
+    m.finish("reader")
+    assert m.executor.collect() == 2 and not m.graph.requests
+
+
+def test_collect_keeps_running_requests_even_when_nobody_holds_their_outputs() -> None:
+    m = Manager()
+    out = m.call("busy")
+    m.executor.activate(out, "latency")
+    m.graph.forget([out])
+    assert m.executor.collect() == 0
+    m.finish("busy")
+    assert m.executor.collect() == 1
+
+
+def test_a_closed_app_goes_with_its_last_request_and_refuses_calls() -> None:
+    m = Manager()
+    app = m.open_app("closing")
+    out = m.call("r", app=app)
+    m.executor.close_app(app, "done with it")
+    with pytest.raises(GraphError, match="'closing' is closed \\(done with it\\)"):
+        m.call("late", app=app)
+    assert m.executor.collect() == 0 and app in m.graph.apps  # its variable is still held
+    m.graph.forget([out])
+    assert m.executor.collect() == 1 and app not in m.graph.apps
+
+
+def test_closing_the_app_of_a_gone_client_cancels_its_unfinished_requests() -> None:
+    m = Manager()
+    app = m.open_app("gone")
+    out = m.call("r", app=app)
+    m.executor.activate(out, "latency")
+    cancelled = m.executor.close_app(app, "client gone", forget=True)
+    assert cancelled == ["r"] and m.executor.collect() == 1 and app not in m.graph.apps
+
+
+def test_a_call_asking_more_than_the_models_context_is_refused_naming_its_output() -> None:
+    m = Manager()
+    m.executor.on_engine_ready(WorkerHello(0, 100, "tiny", "cpu", max_running=1, max_context=128))
+    spec = FunctionSpec("big", [ChunkSpec("output", name="y", sampling=SamplingSpec(max_tokens=129))])
+    with pytest.raises(GraphError, match=r"\{\{output:y\}\}: max_tokens=129 .*\(128 tokens"):
+        m.executor.submit(SubmitCall(m.app, "big", spec, {}, {"y": "big.y"}))

@@ -25,6 +25,7 @@ from engine_server.protocol import (
     decode,
     encode,
     new_id,
+    pid_alive,
     sign,
 )
 from parrot_nb.client import ServerError
@@ -269,15 +270,9 @@ def test_engine_workers_die_with_a_killed_server_even_mid_request(server_process
     finally:
         parrot_nb.disconnect()
     deadline = time.monotonic() + 30
-    while _alive(engine_pid) and time.monotonic() < deadline:
+    while pid_alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(engine_pid)
-
-
-def _alive(pid: int) -> bool:
-    from parrot_nb.client import _pid_alive
-
-    return _pid_alive(pid)
+    assert not pid_alive(engine_pid)
 
 
 def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_process) -> None:
@@ -287,9 +282,9 @@ def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_proce
     server_process.proc.wait(30)
     assert not server_process.connection_file.exists()
     deadline = time.monotonic() + 30
-    while _alive(engine_pid) and time.monotonic() < deadline:
+    while pid_alive(engine_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(engine_pid)
+    assert not pid_alive(engine_pid)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -116,7 +116,7 @@ def test_parse_template_rejects_non_string():
 
 def test_every_option_kind():
     parsed = parse_template(
-        "A: {{output:a max_tokens=64 temperature=0.7 top_p=0.9 top_k=40 seed=-3 "
+        "A: {{output:a max_tokens=64 temperature=0.7 top_p=0.9 top_k=40 seed=3 "
         'stop="." ignore_eos=true}}'
     )
     assert parsed.chunks[1] == OutputChunk(
@@ -126,7 +126,7 @@ def test_every_option_kind():
             "temperature": 0.7,
             "top_p": 0.9,
             "top_k": 40,
-            "seed": -3,
+            "seed": 3,
             "stop": (".",),
             "ignore_eos": True,
         },
@@ -515,7 +515,12 @@ def test_unknown_option_lists_allowed():
         ("top_p=0", "option 'top_p' must be a number in (0, 1], got 0"),
         ("top_p=1.01", "option 'top_p' must be a number in (0, 1], got 1.01"),
         ("top_k=-1", "option 'top_k' must be an int >= 0, got -1"),
-        ("seed=1.5", "option 'seed' must be an int, got 1.5 (float)"),
+        ("seed=1.5", "option 'seed' must be an int in 0..9223372036854775807 (2**63-1), got 1.5 (float)"),
+        ("seed=-1", "option 'seed' must be an int in 0..9223372036854775807 (2**63-1), got -1"),
+        (
+            "seed=1180591620717411303424",
+            "option 'seed' must be an int in 0..9223372036854775807 (2**63-1), got 1180591620717411303424",
+        ),
         ("ignore_eos=1", "option 'ignore_eos' must be a bool (true/false), got 1 (int)"),
         (
             'stop=""',

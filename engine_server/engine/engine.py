@@ -324,7 +324,8 @@ class Engine:
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request wherever it is; True if it was there."""
+        """Drop a request wherever it is, with its unsent events; True if it was there."""
+        self._pending_events = [e for e in self._pending_events if e.request_id != request_id]
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-_MAX_SEED = 2**64  # torch.Generator.manual_seed accepts seeds below this
+from engine_server.protocol import check_sampling_option
 
 
 @dataclass(frozen=True)
@@ -31,35 +32,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             raise ValueError(f"stop must be a tuple of strings, not a single string: {self.stop!r}")
-        # A list is the natural thing to pass; store a tuple so params stay hashable.
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must contain only non-empty strings, got {self.stop!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED):
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        # The protocol's rulebook, the same one the notebook and the manager apply.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed" and value is None:
+                continue
+            try:
+                object.__setattr__(self, f.name, check_sampling_option(f.name, value))
+            except TypeError as exc:
+                raise ValueError(str(exc)) from None
 
     @property
     def greedy(self) -> bool:
         """Whether the next token is simply the argmax."""
         return self.temperature == 0.0
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class Sampler:

@@ -27,6 +27,7 @@ import zmq
 
 from engine_server.models import resolve_model
 from engine_server.protocol import (
+    AbortRequest,
     ProtocolError,
     ReleaseContexts,
     RunRequest,
@@ -153,6 +154,7 @@ class Worker:
                 max_running=engine.config.max_running,
                 kv_blocks=engine.pool.num_blocks,
                 block_size=engine.pool.block_size,
+                max_context=engine.model.config.max_seq_len,
             )
         )  # fmt: skip
         report_owed = False
@@ -188,6 +190,8 @@ class Worker:
                 self.submit(msg)
             elif isinstance(msg, ReleaseContexts):
                 self.engine.release_contexts(msg.keys)
+            elif isinstance(msg, AbortRequest):
+                self.engine.abort(msg.request_id)
 
     def submit(self, req: RunRequest) -> None:
         try:

@@ -18,16 +18,18 @@ import time
 from collections.abc import Callable
 
 from engine_server.manager import criteria
-from engine_server.manager.graph import Graph, GraphError, RequestNode
+from engine_server.manager.graph import TERMINAL, Graph, GraphError, RequestNode
 from engine_server.manager.prefix import ContextRefs, assign_keys, prefix_lengths
 from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
+    AbortRequest,
     ActivationDone,
     AppStats,
     EngineLoad,
     Message,
     Perf,
     ReleaseContexts,
+    RequestCancelled,
     RequestDispatched,
     RequestFailed,
     RequestFinished,
@@ -84,6 +86,42 @@ class Executor:
                     self.scheduler.push(node)  # its criterion was upgraded: re-queue at the new priority
             self.pump()
 
+    def cancel(self, var_ids: list[str], reason: str) -> tuple[list[str], list[str]]:
+        """Stop waiting for ``var_ids``: cancel the unfinished requests only they need.
+
+        A request that another requested variable (one not being cancelled) still waits
+        on keeps running, and so does the variable it produces. Returns the variables
+        that failed as cancelled and the requests that were cancelled.
+        """
+        targets = {v for v in var_ids if v in self.graph.variables}
+        return self._cancel_upstream(self._upstream(targets), targets, reason)
+
+    def close_app(self, app_id: str, reason: str, *, forget: bool = False) -> list[str]:
+        """Close an application: it takes no more calls.
+
+        With ``forget`` (its client is gone), every variable of it is dropped and its
+        unfinished requests are cancelled, except those another application still waits
+        on. Returns the cancelled request ids.
+        """
+        app = self.graph.apps[app_id]
+        app.closed = app.closed or reason
+        if not forget:
+            return []
+        self.graph.forget_app(app_id)
+        targets = {v for r in app.requests for v in self.graph.requests[r].outputs.values()}
+        pending = [self.graph.requests[r] for r in app.requests if self.graph.requests[r].state not in TERMINAL]
+        return self._cancel_upstream(pending, targets, reason)[1]
+
+    def collect(self) -> int:
+        """Free requests, variables and applications nothing can reach; return how many requests went."""
+        removed = self.graph.collect()
+        for node in removed:
+            for var_id in node.outputs.values():
+                self._activated.pop(var_id, None)
+        for app_id in {node.app_id for node in removed} - set(self.graph.apps):
+            self.scheduler.drop_app(app_id)
+        return len(removed)
+
     def var_state(self, var_id: str) -> VarState:
         var = self.graph.variables[var_id]
         return VarState(var.id, var.state, var.value, var.error)
@@ -109,6 +147,8 @@ class Executor:
 
     def on_engine_ready(self, hello: WorkerHello, capacity: int | None = None) -> None:
         """An engine registered: it takes up to ``capacity`` requests at once (default: its ``max_running``)."""
+        if hello.max_context and not self.graph.max_context:
+            self.graph.max_context = hello.max_context
         self.scheduler.engine_ready(hello.engine_id, capacity or hello.max_running, hello.kv_blocks, hello.block_size)
         self.pump()
 
@@ -174,8 +214,9 @@ class Executor:
 
     def _enqueue(self, node: RequestNode) -> None:
         try:
+            self.graph.check_limits(node)  # the model's limits may not have been known at submission
             node.segments = self.graph.program(node)
-        except GraphError as exc:  # a chat template that rejects the filled-in conversation
+        except GraphError as exc:  # too much output asked for, or a chat template that rejects the conversation
             self._fail(node, str(exc))
             return
         self.contexts.acquire(assign_keys(node.segments))
@@ -207,7 +248,7 @@ class Executor:
 
     def _finish(self, node: RequestNode, done: WorkerDone) -> None:
         self._leave(node)
-        node.state = "done"
+        self.graph.settle(node, "done")
         now = time.monotonic()
         self.publish(
             RequestFinished(
@@ -224,7 +265,6 @@ class Executor:
             )
         )
         app = self.graph.apps[node.app_id]
-        app.done += 1
         app.prompt_tokens += done.prompt_tokens
         app.cached_tokens += done.cached_tokens
         self.publish(self.app_stats(app.id))
@@ -241,22 +281,61 @@ class Executor:
 
     def _fail(self, node: RequestNode, error: str) -> None:
         """Fail a request, its outputs, and everything downstream of them."""
+        self._end(node, error, "failed")
+
+    def _end(self, node: RequestNode, error: str, state: str) -> None:
+        """End a request as ``failed`` or ``cancelled``; its outputs fail, and so does everything downstream."""
         stack = [(node, error)]
         while stack:
             node, error = stack.pop()
-            if node.state in ("done", "failed"):
+            if node.state in TERMINAL:
                 continue
+            if state == "cancelled" and node.state == "running" and node.engine_id is not None:
+                # Free its sequence and KV now; nothing more is sent for it.
+                self.send_to_engine(node.engine_id, AbortRequest(node.id))
             self._leave(node)
-            node.state = "failed"
-            self.graph.apps[node.app_id].failed += 1
-            self.publish(RequestFailed(node.app_id, node.id, error, time.time()))
+            self.graph.settle(node, state)
+            if state == "cancelled":
+                self.publish(RequestCancelled(node.app_id, node.id, error, time.time()))
+            else:
+                self.publish(RequestFailed(node.app_id, node.id, error, time.time()))
             for var_id in node.outputs.values():
                 var = self.graph.variables[var_id]
                 var.state, var.error = "failed", error
                 self.publish(VarFailed(var.app_id, var.id, error))
                 self._activation_done(var.app_id, var_id, "failed")
                 for consumer in self.graph.consumers(var_id):
-                    stack.append((consumer, f"input variable {var.name!r} failed: {error}"))
+                    what = "was cancelled" if state == "cancelled" else "failed"
+                    stack.append((consumer, f"input variable {var.name!r} {what}: {error}"))
+
+    def _upstream(self, var_ids: set[str]) -> list[RequestNode]:
+        """The unfinished requests that ``var_ids`` wait on: their producers and those producers' inputs."""
+        found: dict[str, RequestNode] = {}
+        stack = [self.graph.producer(v) for v in var_ids]
+        while stack:
+            node = stack.pop()
+            if node is None or node.id in found or node.state in TERMINAL:
+                continue
+            found[node.id] = node
+            stack.extend(self.graph.producer(v.id) for v in self.graph.input_variables(node) if v.state != "done")
+        return list(found.values())
+
+    def _cancel_upstream(self, candidates: list[RequestNode], targets: set[str], reason: str) -> tuple[list[str], list[str]]:
+        """Cancel the candidates that no requested variable outside ``targets`` still waits on."""
+        others = {
+            v for v in self._activated
+            if v not in targets and self.graph.variables[v].state in ("pending", "running")
+        }  # fmt: skip
+        needed = {node.id for node in self._upstream(others)}
+        cancelled = [node for node in candidates if node.id not in needed and node.state not in TERMINAL]
+        error = f"cancelled: {reason}"
+        for node in cancelled:
+            self._end(node, error, "cancelled")
+        for var_id in targets:
+            self._activated.pop(var_id, None)  # nobody waits for it any more
+        failed = [v for v in targets if self.graph.variables[v].state == "failed"]
+        self.pump()
+        return failed, [node.id for node in cancelled]
 
     def _activation_done(self, app_id: str, var_id: str, state: str) -> None:
         activated = self._activated.pop(var_id, None)
@@ -269,5 +348,6 @@ class Executor:
         app = self.graph.apps[app_id]
         hit_rate = app.cached_tokens / app.prompt_tokens if app.prompt_tokens else 0.0
         return AppStats(
-            app.id, app.name, len(app.requests), app.done, app.failed, app.prompt_tokens, app.cached_tokens, hit_rate, time.time()
-        )
+            app.id, app.name, app.submitted, app.done, app.failed, app.prompt_tokens, app.cached_tokens, hit_rate,
+            time.time(), app.cancelled,
+        )  # fmt: skip

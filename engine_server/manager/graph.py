@@ -27,6 +27,7 @@ class Variable:
     state: str = "pending"  # pending | running | done | failed
     value: str | None = None
     error: str | None = None
+    forgotten: bool = False  # its client dropped it (or is gone): only other requests may still need it
 
 
 @dataclass
@@ -38,7 +39,7 @@ class RequestNode:
     function: FunctionSpec
     inputs: dict[str, InputValue]
     outputs: dict[str, str]  # output name -> variable id
-    state: str = "waiting"  # waiting | queued | running | done | failed
+    state: str = "waiting"  # waiting | queued | running | lost, then done | failed | cancelled
     perf: Perf | None = None  # set once activated (criteria propagated from a .get)
     depth: int = 0  # longest path from a root of the DAG; FIFO by depth within an app
     group: str | None = None  # task group (the consumer's id) when it is one of several producers feeding one request
@@ -52,15 +53,24 @@ class RequestNode:
     t_first_token: float = 0.0
 
 
+#: States a request never leaves.
+TERMINAL = ("done", "failed", "cancelled")
+
+
 @dataclass
 class App:
     id: str
     name: str
-    requests: list[str] = field(default_factory=list)
+    owner: str | None = None  # the client id that opened it (None: a client that never said Hello)
+    requests: set[str] = field(default_factory=set)  # ids of its requests still in the graph
+    submitted: int = 0  # requests ever submitted
+    unfinished: int = 0  # of those, not yet done, failed or cancelled
     done: int = 0  # requests finished
     failed: int = 0
+    cancelled: int = 0
     prompt_tokens: int = 0  # over its finished requests
     cached_tokens: int = 0  # of those, served from cached contexts
+    closed: str = ""  # why it was closed; a closed app takes no more calls
 
 
 class Graph:
@@ -71,18 +81,29 @@ class Graph:
 
     def __init__(self, chat_format: ChatFormat | None = None) -> None:
         self.chat_format = chat_format
+        # The served model's context length in tokens, from the first engine that registers
+        # (0 until then): calls asking for more output than that are refused.
+        self.max_context = 0
         self.apps: dict[str, App] = {}
         self.requests: dict[str, RequestNode] = {}
         self.variables: dict[str, Variable] = {}
 
-    def open_app(self, app_id: str, name: str) -> App:
-        app = self.apps[app_id] = App(app_id, name)
+    def open_app(self, app_id: str, name: str, owner: str | None = None) -> App:
+        app = self.apps[app_id] = App(app_id, name, owner)
         return app
+
+    @property
+    def unfinished(self) -> int:
+        """Requests of every application not yet done, failed or cancelled."""
+        return sum(app.unfinished for app in self.apps.values())
 
     def add_request(self, call: SubmitCall) -> RequestNode:
         """Add a call as a request node, linked to the producers of its inputs."""
         if call.app_id not in self.apps:
             raise GraphError(f"unknown application {call.app_id!r}: open it with OpenApp first")
+        if self.apps[call.app_id].closed:
+            app = self.apps[call.app_id]
+            raise GraphError(f"application {app.name!r} is closed ({app.closed}); make calls in an open one")
         if call.request_id in self.requests:
             raise GraphError(f"request id {call.request_id!r} was already submitted")
         fn = call.function
@@ -97,8 +118,8 @@ class Graph:
         if set(declared_outputs) != set(call.outputs):
             raise GraphError(f"call of {fn.name!r}: outputs {sorted(call.outputs)} do not match the template {declared_outputs}")
         for c in fn.chunks:
-            if c.kind == "output" and c.sampling is None:
-                raise GraphError(f"call of {fn.name!r}: output {c.name!r} has no sampling settings")
+            if c.kind == "output":
+                self._check_sampling(fn, c)
         if fn.chat:
             self._check_chat(fn)
         elif any(c.kind == "role" for c in fn.chunks):
@@ -116,13 +137,80 @@ class Graph:
         parents = [self.producer(v.var_id) for v in call.inputs.values() if v.var_id is not None]
         node.depth = 1 + max((p.depth for p in parents if p is not None), default=-1)
         self.requests[node.id] = node
-        self.apps[call.app_id].requests.append(node.id)
+        app = self.apps[call.app_id]
+        app.requests.add(node.id)
+        app.submitted += 1
+        app.unfinished += 1
         for name, var_id in call.outputs.items():
             self.variables[var_id] = Variable(var_id, call.app_id, name, producer=node.id)
         for value in call.inputs.values():
             if value.var_id is not None:
                 self.variables[value.var_id].consumers.append(node.id)
         return node
+
+    def settle(self, node: RequestNode, state: str) -> None:
+        """Move a request to a terminal state (``done``, ``failed`` or ``cancelled``), once."""
+        assert state in TERMINAL and node.state not in TERMINAL
+        node.state = state
+        app = self.apps[node.app_id]
+        app.unfinished -= 1
+        setattr(app, state, getattr(app, state) + 1)
+
+    # ----------------------------------------------------------------- forgetting
+
+    def forget(self, var_ids: list[str]) -> None:
+        """The client dropped these variables; unknown ids (already freed) are ignored."""
+        for var_id in var_ids:
+            var = self.variables.get(var_id)
+            if var is not None:
+                var.forgotten = True
+
+    def forget_app(self, app_id: str) -> None:
+        """Every variable of the application is dropped (its client is gone)."""
+        for request_id in self.apps[app_id].requests:
+            self.forget(list(self.requests[request_id].outputs.values()))
+
+    def collect(self) -> list[RequestNode]:
+        """Free what nothing can reach any more; return the requests removed.
+
+        Kept: requests still queued or running, requested ones still waiting, and producers
+        of a variable some client still holds; plus, for a waiting request, the producers
+        of its inputs (it reads their values when it is queued). A queued request's program
+        is fixed, so it no longer needs its inputs. A closed application goes with its last
+        request.
+        """
+        keep: set[str] = set()
+        stack: list[RequestNode] = []
+        for node in self.requests.values():
+            if (
+                node.state in ("queued", "running", "lost")
+                or (node.state == "waiting" and node.perf is not None)
+                or any(not self.variables[v].forgotten for v in node.outputs.values())
+            ):
+                stack.append(node)
+        while stack:
+            node = stack.pop()
+            if node.id in keep:
+                continue
+            keep.add(node.id)
+            if node.state == "waiting":
+                stack.extend(p for p in map(self.producer, (v.var_id for v in node.inputs.values() if v.var_id)) if p)
+        removed = [node for node in self.requests.values() if node.id not in keep]
+        for node in removed:
+            self._remove(node)
+        for app in [a for a in self.apps.values() if a.closed and not a.requests]:
+            del self.apps[app.id]
+        return removed
+
+    def _remove(self, node: RequestNode) -> None:
+        del self.requests[node.id]
+        self.apps[node.app_id].requests.discard(node.id)
+        for var_id in node.outputs.values():
+            del self.variables[var_id]
+        for value in node.inputs.values():
+            var = self.variables.get(value.var_id) if value.var_id else None
+            if var is not None:
+                var.consumers.remove(node.id)
 
     def producer(self, var_id: str) -> RequestNode | None:
         """GetProducer: the request whose output ``var_id`` is (None for a constant)."""
@@ -188,6 +276,27 @@ class Graph:
                 sampling = dataclasses.replace(sampling, stop=[*sampling.stop, stop])
             segments.append(SegmentSpec("gen", var_id=node.outputs[out.name], sampling=sampling))
         return segments
+
+    def _check_sampling(self, fn: FunctionSpec, output: ChunkSpec) -> None:
+        """The protocol's sampling rulebook, then the served model's limits, for one output."""
+        where = f"call of {fn.name!r}: {{{{output:{output.name}}}}}"
+        if output.sampling is None:
+            raise GraphError(f"{where} has no sampling settings")
+        try:
+            output.sampling.check()
+        except (TypeError, ValueError) as exc:
+            raise GraphError(f"{where}: {exc}") from None
+        if self.max_context and output.sampling.max_tokens > self.max_context:
+            raise GraphError(
+                f"{where}: max_tokens={output.sampling.max_tokens} is more than the served model's whole "
+                f"context ({self.max_context} tokens, prompt included); lower max_tokens"
+            )
+
+    def check_limits(self, node: RequestNode) -> None:
+        """Check a request against the model's limits, once they are known (engines report them)."""
+        for c in node.function.chunks:
+            if c.kind == "output":
+                self._check_sampling(node.function, c)
 
     def _check_chat(self, fn: FunctionSpec) -> None:
         """A chat call needs a model with a chat template that accepts this conversation's shape."""

@@ -226,6 +226,16 @@ class Scheduler:
         head = self._head(app.heaps[LATENCY]) or self._head(app.heaps[THROUGHPUT])
         if head is not None:
             heapq.heappush(self._ranking, (head.cls, app.running, head.seq, app.version, app_id))
+        if len(self._ranking) > 4 * len(self._apps) + 1024:
+            # Stale entries are only dropped when they reach the top; on a long run, drop them all.
+            self._ranking = [e for e in self._ranking if e[4] in self._apps and self._apps[e[4]].version == e[3]]
+            heapq.heapify(self._ranking)
+
+    def drop_app(self, app_id: str) -> None:
+        """Forget a closed application that has nothing queued or running."""
+        app = self._apps.get(app_id)
+        if app is not None and app.running == 0 and not any(self._nodes[r].app_id == app_id for r in self._live):
+            del self._apps[app_id]
 
     def _age(self) -> None:
         horizon = self.clock() - AGING_S
@@ -245,8 +255,8 @@ class Scheduler:
         best: _Entry | None = None
         while self._ranking:
             cls, _, _, version, app_id = self._ranking[0]
-            app = self._apps[app_id]
-            if app.version == version:
+            app = self._apps.get(app_id)
+            if app is not None and app.version == version:
                 best = self._head(app.heaps[cls])
                 break
             heapq.heappop(self._ranking)
