@@ -162,7 +162,7 @@ class Executor:
         self.publish(
             EngineLoad(
                 load.engine_id, load.running, load.waiting, load.kv_blocks_used, load.kv_blocks_total,
-                load.cached_keys, len(slot.running), time.time(),
+                load.cached_keys, len(slot.running), time.time(), load.kv_blocks_cached,
             )  # fmt: skip
         )
         self.pump()
