@@ -48,6 +48,9 @@ from engine_server.protocol import (
     Message,
     OpenApp,
     ProtocolError,
+    ReplayError,
+    ReplayGuard,
+    Sender,
     ServerStatus,
     Shutdown,
     Status,
@@ -62,7 +65,6 @@ from engine_server.protocol import (
     WorkerLoad,
     WorkerStartFailed,
     decode,
-    encode,
     new_id,
     peek_id,
     runtime_dir,
@@ -117,6 +119,9 @@ class EngineServer:
         self.workers = self.ctx.socket(zmq.ROUTER)
         for sock in (self.requests, self.events, self.workers):
             sock.setsockopt(zmq.LINGER, 0)
+        # One numbering per socket (each delivers in order); one guard for all that arrives.
+        self._senders = {sock: Sender(self.key) for sock in (self.requests, self.events, self.workers)}
+        self.guard = ReplayGuard()
         self.events.setsockopt(zmq.SNDHWM, 100_000)  # token streams are bursty; don't drop events
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
@@ -229,7 +234,7 @@ class EngineServer:
                 log.exception("error handling a message")
 
     def _send_frames(self, sock: zmq.Socket, prefix: list[bytes], msg: Message, ref: str | None = None) -> None:
-        sock.send_multipart(prefix + encode(msg, self.key, ref=ref))
+        sock.send_multipart(prefix + self._senders[sock].encode(msg, ref=ref))
 
     def publish(self, event: Message) -> None:
         app_id = getattr(event, "app_id", None)
@@ -253,9 +258,12 @@ class EngineServer:
         identity, rest = frames[0], frames[1:]
         try:
             env = decode(rest, self.key)
+            self.guard.check(env)
         except ProtocolError as exc:
-            log.warning("malformed request: %s", exc)
-            reply = ErrorReply("malformed", f"malformed request: {exc}")
+            # A replay is answered too: the answer goes to whoever resent it, not to the original sender.
+            code = "replayed" if isinstance(exc, ReplayError) else "malformed"
+            log.warning("%s request: %s", code, exc)
+            reply = ErrorReply(code, f"{code} request: {exc}")
             self._send_frames(self.requests, [identity], reply, ref=peek_id(rest) if rest else None)
             return
         self._log("in", env.msg)
@@ -347,10 +355,12 @@ class EngineServer:
     def _on_worker_frames(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
         try:
-            msg = decode(rest, self.key).msg
+            env = decode(rest, self.key)
+            self.guard.check(env)
         except ProtocolError as exc:
-            log.error("malformed message from an engine worker: %s", exc)
+            log.error("refused a message on the workers socket: %s", exc)
             return
+        msg = env.msg
         if isinstance(msg, WorkerHello):
             proc = self.engines.get(msg.engine_id)
             if proc is None or proc.popen.pid != msg.pid:

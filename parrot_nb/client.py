@@ -28,14 +28,16 @@ from engine_server.protocol import (
     Message,
     OpenApp,
     ProtocolError,
+    ReplayError,
+    ReplayGuard,
     RequestDispatched,
+    Sender,
     SyncEvents,
     TokenDelta,
     VarFailed,
     VarReady,
     Welcome,
     decode,
-    encode,
     new_id,
 )
 
@@ -63,6 +65,9 @@ class Client:
     def __init__(self, info: ConnectionInfo, *, name: str = "parrot-nb", timeout: float = 10.0) -> None:
         self.info = info
         self._key = info.key_bytes
+        # Used only by the I/O thread, which owns the sockets.
+        self._sender = Sender(self._key)
+        self._guard = ReplayGuard()
         self._ctx = zmq.Context()
         self._outbox: queue.SimpleQueue[tuple[Message, Future[Message] | None]] = queue.SimpleQueue()
         self._wake_recv, self._wake_send = socket.socketpair()
@@ -209,7 +214,7 @@ class Client:
                     msg_id = new_id()
                     if fut is not None:
                         self._pending[msg_id] = fut
-                    dealer.send_multipart(encode(msg, self._key, msg_id=msg_id))
+                    dealer.send_multipart(self._sender.encode(msg, msg_id=msg_id))
                 if dealer in ready:
                     self._drain(dealer, self._on_reply)
                 if sub in ready:
@@ -242,15 +247,26 @@ class Client:
             env = decode(frames, self._key)
         except ProtocolError:
             return  # nothing waits on a reply we cannot read; its request times out with a clear error
+        try:
+            self._guard.check(env)
+        except ReplayError as exc:
+            # A resent old reply answers no waiting request (ids are never reused); one that is
+            # waited for failed the time check, so the caller learns why instead of timing out.
+            fut = self._pending.pop(env.ref or "", None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError(f"refused the engine server's reply: {exc}"))
+            return
         fut = self._pending.pop(env.ref or "", None)
         if fut is not None and not fut.done():
             fut.set_result(env.msg)
 
     def _on_event(self, frames: list[bytes]) -> None:
         try:
-            event = decode(frames[1:], self._key).msg
+            env = decode(frames[1:], self._key)
+            self._guard.check(env)
         except ProtocolError:
             return
+        event = env.msg
         if isinstance(event, EventsSynced):
             marker = self._synced.pop(event.token, None)
             if marker is not None:
