@@ -783,9 +783,11 @@ CONNECTION_PREFIX = "parrot-nb-server-"
 
 @dataclass
 class ConnectionInfo:
-    """What a client needs to reach a server: endpoints and the signing key.
+    """What a client needs to reach a server: endpoints, the signing key, and the server's CURVE key.
 
     Written by the server as JSON (mode 0600) in the Jupyter runtime directory.
+    ``curve_server_key`` is the server's CurveZMQ public key (Z85) when its sockets
+    encrypt, "" when they do not (loopback).
     """
 
     requests: str
@@ -795,6 +797,7 @@ class ConnectionInfo:
     model: str
     signature_scheme: str = SIGNATURE_SCHEME
     protocol_version: int = PROTOCOL_VERSION
+    curve_server_key: str = ""
 
     @property
     def key_bytes(self) -> bytes:

@@ -63,6 +63,12 @@ class Client:
     """A connection to one engine server. Thread-safe; create it with ``parrot_nb.connect``."""
 
     def __init__(self, info: ConnectionInfo, *, name: str = "parrot-nb", timeout: float = 10.0) -> None:
+        if info.curve_server_key and not zmq.has("curve"):
+            raise ConnectionError(
+                f"the engine server at {info.requests} encrypts with CurveZMQ, and this pyzmq's libzmq "
+                f"{zmq.zmq_version()} lacks CURVE support: install pyzmq from its wheel "
+                "(`pip install --force-reinstall pyzmq`; the wheels bundle libzmq with CURVE)"
+            )
         self.info = info
         self._key = info.key_bytes
         # Used only by the I/O thread, which owns the sockets.
@@ -188,6 +194,17 @@ class Client:
         for sock in (dealer, sub):
             sock.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
+        if self.info.curve_server_key:
+            # The server proves itself with its key; this side needs a key pair only to
+            # encrypt, so a throwaway one will do (the HMAC key authenticates the client).
+            public, secret = zmq.curve_keypair()
+            for sock in (dealer, sub):
+                sock.setsockopt(zmq.CURVE_SERVERKEY, self.info.curve_server_key.encode())
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        for sock, endpoint in ((dealer, self.info.requests), (sub, self.info.events)):
+            if endpoint.startswith("tcp://["):  # a server on an IPv6 address
+                sock.setsockopt(zmq.IPV6, 1)
         dealer.connect(self.info.requests)
         sub.connect(self.info.events)
         sub.setsockopt(zmq.SUBSCRIBE, b"")

@@ -220,6 +220,14 @@ def test_connection_file_is_private_and_reads_back(tmp_path) -> None:
     assert ConnectionInfo.read(path) == info
 
 
+def test_connection_file_carries_the_servers_curve_key_when_it_has_one(tmp_path) -> None:
+    info = ConnectionInfo("tcp://0.0.0.0:1", "tcp://0.0.0.0:2", "k" * 64, pid=1, model="tiny", curve_server_key="c" * 40)
+    assert ConnectionInfo.read(info.write(tmp_path / "c.json")).curve_server_key == "c" * 40
+    plain = tmp_path / "plain.json"
+    plain.write_text('{"requests": "tcp://127.0.0.1:1", "events": "tcp://127.0.0.1:2", "key": "k", "pid": 1, "model": "tiny"}')
+    assert ConnectionInfo.read(plain).curve_server_key == ""  # no key: the sockets do not encrypt
+
+
 def test_connection_file_is_never_seen_half_written(tmp_path) -> None:
     # A client polls for the file while the server writes it: every read that finds the
     # file must find all of it.
