@@ -38,10 +38,10 @@ from engine_server.protocol import (
     Message,
     RunRequest,
     SamplingSpec,
+    Sender,
     SubmitCall,
     WorkerDone,
     WorkerHello,
-    encode,
 )
 
 SYSTEM = "You are a summarizer. Read the passage and write three short bullet points. " * 4
@@ -135,12 +135,12 @@ def main() -> None:
     args = parser.parse_args()
 
     events = [0]
-    key = b"k" * 64
+    sender = Sender(b"k" * 64)
 
     def publish(msg: Message) -> None:
         events[0] += 1
         if args.encode:
-            encode(msg, key)
+            sender.encode(msg)
 
     best_ind = min(independent(args.requests, 100, args.engines, args.max_running, publish) for _ in range(args.repeat))
     events[0] = 0

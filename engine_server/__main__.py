@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
 
 from engine_server.gguf_file import GGUFError
+from engine_server.keys import KeysError
 from engine_server.models import DEFAULT_MODEL, ModelNotFoundError
-from engine_server.server import EngineServer, ServerConfig, visible_gpus
+from engine_server.server import LOOPBACK, EngineServer, ServerConfig, visible_gpus
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, default=None, help="requests port; events use PORT+1 (default: random free ports)"
     )
+    parser.add_argument(
+        "--ip", type=_ip_address, default=LOOPBACK, metavar="ADDRESS",
+        help=f"address the requests and events sockets listen on (default: {LOOPBACK}); 0.0.0.0 is every "
+        "interface. Beyond loopback the traffic is encrypted with CurveZMQ, which needs the server keys that "
+        "`parrot-nb keys` writes; the server refuses to start without them. Engine workers stay on loopback",
+    )  # fmt: skip
+    parser.add_argument(
+        "--curve", action="store_true", help="encrypt with CurveZMQ on loopback too (needs the same keys)"
+    )
+    parser.add_argument(
+        "--keys-dir", type=Path, default=None, metavar="DIR",
+        help="where the CurveZMQ keys are (default: Jupyter's runtime dir, where `parrot-nb keys` writes them)",
+    )  # fmt: skip
     parser.add_argument(
         "--connection-file",
         type=Path,
@@ -81,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the free GPU memory (after weights) the KV pool takes on cuda (default: 0.85)",
     )  # fmt: skip
     return parser
+
+
+def _ip_address(text: str) -> str:
+    if text == "localhost":
+        return LOOPBACK
+    if text == "*":
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an IP address such as {LOOPBACK} or 0.0.0.0 (every interface), got {text!r}"
+        ) from None
 
 
 def _positive_int(text: str) -> int:
@@ -131,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         device=args.device,
         engines=args.engines,
+        ip=args.ip,
+        curve=args.curve,
+        keys_dir=args.keys_dir,
         port=args.port,
         connection_file=args.connection_file,
         event_log=args.event_log,
@@ -142,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         server = EngineServer(config)
-    except (ModelNotFoundError, GGUFError) as exc:
+    except (ModelNotFoundError, GGUFError, KeysError) as exc:
         # Say so here rather than through every engine failing to start.
         print(f"parrot-nb serve: {exc}", file=sys.stderr)
         return 2

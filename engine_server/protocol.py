@@ -3,11 +3,17 @@
 Frames on every socket are ``[signature, payload]`` (ROUTER sockets add the
 peer identity in front; PUB adds a topic). The payload is a msgpack map::
 
-    {"v": PROTOCOL_VERSION, "type": "SubmitCall", "id": "...", "ref": "...", "body": {...}}
+    {"v": PROTOCOL_VERSION, "type": "SubmitCall", "id": "...", "ref": "...",
+     "session": "...", "seq": 7, "t": 1718000000.25, "body": {...}}
 
 ``id`` names this message; a reply carries the request's id as ``ref``. The
 signature is an HMAC-SHA256 (hex) of the payload with the key from the
 connection file, as Jupyter signs its messages; an empty key disables signing.
+
+``session``, ``seq`` and ``t`` stop replays: each sending socket (a ``Sender``)
+numbers its messages 1, 2, 3 ... under a random session id and stamps its wall
+clock, and a receiver's ``ReplayGuard`` refuses a number it has already seen
+from that session and a time outside ``REPLAY_WINDOW_S`` of its own clock.
 
 This module is torch-free and imports nothing else of ours, so the notebook
 side, the manager and the workers can all share it.
@@ -22,21 +28,30 @@ import json
 import math
 import numbers
 import os
+import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+# 2: payloads carry session, seq and t (replay protection).
+PROTOCOL_VERSION = 2
 SIGNATURE_SCHEME = "hmac-sha256"
+# A message stamped further than this from the receiver's clock, either way, is refused.
+REPLAY_WINDOW_S = 300.0
 
 
 class ProtocolError(ValueError):
     """A frame that is not a valid, correctly signed message of this protocol."""
+
+
+class ReplayError(ProtocolError):
+    """A correctly signed message that was received before, or is too old (or too new) to tell."""
 
 
 # --------------------------------------------------------------------------- #
@@ -682,11 +697,14 @@ class StopWorker(Message):
 
 @dataclass
 class Envelope:
-    """A decoded message with its id and, for replies, the id it answers."""
+    """A decoded message with its id, the id it answers (replies), and its sender's stamp."""
 
     msg: Message
     id: str
     ref: str | None = None
+    session: str = ""  # the sending socket's random id
+    seq: int = 0  # its number among that session's messages, from 1
+    t: float = 0.0  # the sender's wall clock (Unix seconds) when it was sent
 
 
 def new_id() -> str:
@@ -699,19 +717,41 @@ def sign(key: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, hashlib.sha256).hexdigest().encode()
 
 
+class Sender:
+    """The sending end of one socket: signs its messages and numbers them under one session.
+
+    One socket delivers a peer's messages in order, so a receiver need only remember the
+    highest number per session (see ``ReplayGuard``). Use one ``Sender`` per socket, from the
+    thread that owns it: numbers must leave in the order they were given.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.session = new_id()
+        self._seq = 0
+
+    def encode(self, msg: Message, *, msg_id: str | None = None, ref: str | None = None) -> list[bytes]:
+        """Serialise ``msg`` to ``[signature, payload]`` frames, stamped with the next number and now."""
+        self._seq += 1
+        payload = msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": msg.TYPE,
+                "id": msg_id or new_id(),
+                "ref": ref,
+                "session": self.session,
+                "seq": self._seq,
+                "t": time.time(),
+                "body": _unstructure(msg),
+            },
+            use_bin_type=True,
+        )
+        return [sign(self.key, payload), payload]
+
+
 def encode(msg: Message, key: bytes, *, msg_id: str | None = None, ref: str | None = None) -> list[bytes]:
-    """Serialise ``msg`` to ``[signature, payload]`` frames."""
-    payload = msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "type": msg.TYPE,
-            "id": msg_id or new_id(),
-            "ref": ref,
-            "body": _unstructure(msg),
-        },
-        use_bin_type=True,
-    )
-    return [sign(key, payload), payload]
+    """Serialise one message as a session of its own (for one-off senders; sockets use a ``Sender``)."""
+    return Sender(key).encode(msg, msg_id=msg_id, ref=ref)
 
 
 def peek_id(frames: list[bytes]) -> str | None:
@@ -725,7 +765,11 @@ def peek_id(frames: list[bytes]) -> str | None:
 
 
 def decode(frames: list[bytes], key: bytes) -> Envelope:
-    """Parse and verify ``[signature, payload]`` frames; raise ``ProtocolError`` if they are not a message."""
+    """Parse and verify ``[signature, payload]`` frames; raise ``ProtocolError`` if they are not a message.
+
+    This checks the signature and the shape; whether the message is fresh is a ``ReplayGuard``'s
+    question, since only a receiver that keeps state can answer it.
+    """
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames [signature, payload], got {len(frames)}")
     signature, payload = frames
@@ -739,7 +783,10 @@ def decode(frames: list[bytes], key: bytes) -> Envelope:
         raise ProtocolError("payload must be a msgpack map")
     version = raw.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}): "
+            "run the notebook and the engine server from the same parrot-nb installation"
+        )
     type_name = raw.get("type")
     cls = _REGISTRY.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
@@ -748,7 +795,62 @@ def decode(frames: list[bytes], key: bytes) -> Envelope:
     ref = raw.get("ref")
     if not isinstance(msg_id, str) or not (ref is None or isinstance(ref, str)):
         raise ProtocolError("message id and ref must be strings")
-    return Envelope(_structure(cls, raw.get("body"), type_name), msg_id, ref)
+    session, seq, t = raw.get("session"), raw.get("seq"), raw.get("t")
+    if not isinstance(session, str) or not session:
+        raise ProtocolError("missing or empty 'session': every message names its sender's session")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise ProtocolError(f"'seq' must be a whole number from 1, got {seq!r}")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise ProtocolError(f"'t' must be the send time in Unix seconds, got {t!r}")
+    return Envelope(_structure(cls, raw.get("body"), type_name), msg_id, ref, session, seq, float(t))
+
+
+class ReplayGuard:
+    """Refuses a message it has seen before, and one whose time is outside the window.
+
+    It keeps, per sender session, the highest number and the latest time seen: a number not
+    above the highest is a replay (one socket delivers a session's messages in order). A
+    session silent for longer than the window is forgotten, which is safe: a replay of any of
+    its messages is then older than the window and refused for that. So the memory is one
+    entry per sender heard from within the window, however many messages they send (engine
+    workers send a message per generated token).
+    """
+
+    def __init__(self, window: float = REPLAY_WINDOW_S, clock: Callable[[], float] = time.time) -> None:
+        self.window = window
+        self._clock = clock
+        self._sessions: dict[str, tuple[int, float]] = {}  # session -> (highest seq, latest t)
+        self._pruned_at = clock()
+
+    def __len__(self) -> int:
+        """Sessions remembered now."""
+        return len(self._sessions)
+
+    def check(self, env: Envelope) -> None:
+        """Raise ``ReplayError`` unless ``env`` is fresh; remember it if it is."""
+        now = self._clock()
+        skew = env.t - now
+        if abs(skew) > self.window:
+            side = "ahead of" if skew > 0 else "behind"
+            raise ReplayError(
+                f"message timestamp {env.t:.3f} is {abs(skew):.0f} s {side} this side's clock, outside the "
+                f"accepted window of {self.window:g} s: check the clocks of the two machines "
+                "(or someone resent an old message)"
+            )
+        if now - self._pruned_at > 1.0:  # at most once a second: the scan is over every session
+            self._prune(now)
+        last = self._sessions.get(env.session)
+        if last is not None and env.seq <= last[0]:
+            raise ReplayError(
+                f"replayed message: number {env.seq} of sender session {env.session[:8]} was already received "
+                f"(the last was {last[0]}); a message is accepted once"
+            )
+        self._sessions[env.session] = (env.seq, env.t if last is None else max(env.t, last[1]))
+
+    def _prune(self, now: float) -> None:
+        self._pruned_at = now
+        horizon = now - self.window
+        self._sessions = {s: entry for s, entry in self._sessions.items() if entry[1] >= horizon}
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
@@ -847,9 +949,11 @@ CONNECTION_PREFIX = "parrot-nb-server-"
 
 @dataclass
 class ConnectionInfo:
-    """What a client needs to reach a server: endpoints and the signing key.
+    """What a client needs to reach a server: endpoints, the signing key, and the server's CURVE key.
 
     Written by the server as JSON (mode 0600) in the Jupyter runtime directory.
+    ``curve_server_key`` is the server's CurveZMQ public key (Z85) when its sockets
+    encrypt, "" when they do not (loopback).
     """
 
     requests: str
@@ -859,6 +963,7 @@ class ConnectionInfo:
     model: str
     signature_scheme: str = SIGNATURE_SCHEME
     protocol_version: int = PROTOCOL_VERSION
+    curve_server_key: str = ""
 
     @property
     def key_bytes(self) -> bytes:

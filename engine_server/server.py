@@ -1,11 +1,15 @@
 """The engine server: a ZMQ front for clients, a PUB for events, engine workers behind.
 
-Sockets (all on loopback):
+Sockets:
 - ``requests`` ROUTER: clients' DEALERs send protocol requests; every one is
   answered, a malformed one with ``ErrorReply`` (never fatal).
 - ``events`` PUB: everything that happens (``protocol`` events), topic
   ``app.<app_id>`` or ``server``.
 - ``workers`` ROUTER: engine worker processes connect DEALERs to it.
+
+``requests`` and ``events`` bind to ``--ip`` (loopback by default); beyond
+loopback they are CurveZMQ servers (see engine_server/keys.py). ``workers``
+always stays on loopback.
 
 One thread runs the loop; the manager's executor is called from it, so the
 DAG needs no locks.
@@ -13,6 +17,7 @@ DAG needs no locks.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -28,6 +33,7 @@ from typing import IO, Any
 import zmq
 
 from engine_server import __version__
+from engine_server.keys import CurveKeys, KeysError, load_keys
 from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
@@ -56,6 +62,9 @@ from engine_server.protocol import (
     Message,
     OpenApp,
     ProtocolError,
+    ReplayError,
+    ReplayGuard,
+    Sender,
     ServerStatus,
     Shutdown,
     Status,
@@ -70,7 +79,6 @@ from engine_server.protocol import (
     WorkerLoad,
     WorkerStartFailed,
     decode,
-    encode,
     new_id,
     peek_id,
     pid_alive,
@@ -97,6 +105,9 @@ class ServerConfig:
     model: str = DEFAULT_MODEL  # see engine_server.models.resolve_model
     device: str = "cpu"
     engines: int = 1
+    ip: str = LOOPBACK  # where requests and events listen; beyond loopback needs CURVE keys
+    curve: bool = False  # encrypt with CurveZMQ on loopback too (always on beyond loopback)
+    keys_dir: Path | None = None  # where the CURVE keys are; None: the runtime dir
     port: int | None = None  # requests on port, events on port + 1; random when None
     connection_file: Path | None = None
     event_log: Path | None = None
@@ -139,8 +150,10 @@ class EngineProcess:
 
 class EngineServer:
     def __init__(self, config: ServerConfig) -> None:
-        """Raises models.ModelNotFoundError or gguf_file.GGUFError when ``config.model`` cannot be served."""
+        """Raises models.ModelNotFoundError or gguf_file.GGUFError when ``config.model`` cannot be served,
+        and keys.KeysError when it must encrypt and cannot (no keys, unsafe keys, no CURVE in libzmq)."""
         self.config = config
+        self.curve_keys = self._curve_keys(config)
         self.model = resolve_model(config.model)
         self.key = secrets.token_hex(32).encode()
         self.started = time.monotonic()
@@ -150,6 +163,9 @@ class EngineServer:
         self.workers = self.ctx.socket(zmq.ROUTER)
         for sock in (self.requests, self.events, self.workers):
             sock.setsockopt(zmq.LINGER, 0)
+        # One numbering per socket (each delivers in order); one guard for all that arrives.
+        self._senders = {sock: Sender(self.key) for sock in (self.requests, self.events, self.workers)}
+        self.guard = ReplayGuard()
         self.events.setsockopt(zmq.SNDHWM, 100_000)  # token streams are bursty; don't drop events
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
@@ -178,22 +194,41 @@ class EngineServer:
 
     # ----------------------------------------------------------------- lifecycle
 
+    @staticmethod
+    def _curve_keys(config: ServerConfig) -> CurveKeys | None:
+        if config.curve or not is_loopback(config.ip):
+            why = "--curve" if is_loopback(config.ip) else f"listening on {config.ip}, beyond loopback,"
+            try:
+                return load_keys(config.keys_dir)
+            except KeysError as exc:
+                raise KeysError(f"{why} requires CurveZMQ keys, so that the traffic is encrypted: {exc}") from None
+        return None
+
     def bind(self) -> ConnectionInfo:
+        ip = self.config.ip
+        host = f"[{ip}]" if ":" in ip else ip  # an IPv6 address goes in brackets in an endpoint
+        for sock in (self.requests, self.events):
+            if ":" in ip:
+                sock.setsockopt(zmq.IPV6, 1)
+            if self.curve_keys is not None:  # options of a listening socket are set before it binds
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_keys.secret)
         port = self.config.port
         if port is None:
-            req_port = self.requests.bind_to_random_port(f"tcp://{LOOPBACK}")
-            ev_port = self.events.bind_to_random_port(f"tcp://{LOOPBACK}")
+            req_port = self.requests.bind_to_random_port(f"tcp://{host}")
+            ev_port = self.events.bind_to_random_port(f"tcp://{host}")
         else:
             req_port, ev_port = port, port + 1
-            self.requests.bind(f"tcp://{LOOPBACK}:{req_port}")
-            self.events.bind(f"tcp://{LOOPBACK}:{ev_port}")
+            self.requests.bind(f"tcp://{host}:{req_port}")
+            self.events.bind(f"tcp://{host}:{ev_port}")
         self.worker_endpoint = f"tcp://{LOOPBACK}:{self.workers.bind_to_random_port(f'tcp://{LOOPBACK}')}"
         info = ConnectionInfo(
-            requests=f"tcp://{LOOPBACK}:{req_port}",
-            events=f"tcp://{LOOPBACK}:{ev_port}",
+            requests=f"tcp://{host}:{req_port}",
+            events=f"tcp://{host}:{ev_port}",
             key=self.key.decode(),
             pid=os.getpid(),
             model=self.model.name,
+            curve_server_key=self.curve_keys.public.decode() if self.curve_keys is not None else "",
         )
         path = self.config.connection_file or runtime_dir() / f"{CONNECTION_PREFIX}{os.getpid()}.json"
         self.connection_file = info.write(path)
@@ -208,6 +243,8 @@ class EngineServer:
             self.scheduler.add_engine(i, self.config.engine_capacity or 1)
             self.engines[i] = EngineProcess(i, self._spawn_engine(i))
         log.info("parrot-nb engine server %s: requests %s, events %s", __version__, info.requests, info.events)
+        if self.curve_keys is not None:
+            log.info("traffic is encrypted with CurveZMQ (server public key %s)", info.curve_server_key)
         log.info("connection file: %s", self.connection_file)
         self._running = True
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -272,7 +309,7 @@ class EngineServer:
                 log.exception("error handling a message")
 
     def _send_frames(self, sock: zmq.Socket, prefix: list[bytes], msg: Message, ref: str | None = None) -> None:
-        sock.send_multipart(prefix + encode(msg, self.key, ref=ref))
+        sock.send_multipart(prefix + self._senders[sock].encode(msg, ref=ref))
 
     def publish(self, event: Message) -> None:
         app_id = getattr(event, "app_id", None)
@@ -296,9 +333,12 @@ class EngineServer:
         identity, rest = frames[0], frames[1:]
         try:
             env = decode(rest, self.key)
+            self.guard.check(env)
         except ProtocolError as exc:
-            log.warning("malformed request: %s", exc)
-            reply = ErrorReply("malformed", f"malformed request: {exc}")
+            # A replay is answered too: the answer goes to whoever resent it, not to the original sender.
+            code = "replayed" if isinstance(exc, ReplayError) else "malformed"
+            log.warning("%s request: %s", code, exc)
+            reply = ErrorReply(code, f"{code} request: {exc}")
             self._send_frames(self.requests, [identity], reply, ref=peek_id(rest) if rest else None)
             return
         if not isinstance(env.msg, Heartbeat):
@@ -480,10 +520,12 @@ class EngineServer:
     def _on_worker_frames(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
         try:
-            msg = decode(rest, self.key).msg
+            env = decode(rest, self.key)
+            self.guard.check(env)
         except ProtocolError as exc:
-            log.error("malformed message from an engine worker: %s", exc)
+            log.error("refused a message on the workers socket: %s", exc)
             return
+        msg = env.msg
         if isinstance(msg, WorkerHello):
             proc = self.engines.get(msg.engine_id)
             if proc is None or proc.popen.pid != msg.pid:
@@ -547,6 +589,14 @@ class EngineServer:
         if all(p.state == "dead" for p in self.engines.values()):
             reasons = "; ".join(sorted({p.detail for p in self.engines.values() if p.detail})) or "see the server log"
             self.executor.fail_queued(f"no engine can run requests ({reasons}); fix that, then restart the server")
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether ``ip`` (an address, as ``--ip`` takes it) reaches only this machine."""
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 def visible_gpus() -> list[str]:

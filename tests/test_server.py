@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from engine_server.protocol import (
+    PROTOCOL_VERSION,
     Activate,
     ChunkSpec,
     ErrorReply,
@@ -113,6 +114,52 @@ def test_activating_an_unknown_variable_is_refused(shared_server) -> None:
 
 def test_connection_file_is_private(shared_server) -> None:
     assert stat.S_IMODE(shared_server.connection_file.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- replay protection
+
+
+def _apps_named(client, name: str) -> int:
+    return sum(a.name == name for a in client.call(Status()).apps)
+
+
+def test_a_replayed_request_is_refused_and_does_not_run_again(shared_server) -> None:
+    client = shared_server.client()
+    try:
+        sent: list[list[bytes]] = []
+        encode_one = client._sender.encode  # capture what the client puts on the wire
+
+        def recording(msg, **kwargs):
+            frames = encode_one(msg, **kwargs)
+            sent.append(frames)
+            return frames
+
+        client._sender.encode = recording
+        client.call(OpenApp("replay-me"))
+        (captured,) = [f for f in sent if isinstance(decode(f, shared_server.info.key_bytes).msg, OpenApp)]
+        reply = _error(shared_server, captured)  # the same bytes again, from another socket
+        assert reply.code == "replayed" and "replayed message" in reply.message
+        assert _apps_named(client, "replay-me") == 1
+    finally:
+        client.close()
+
+
+def test_a_request_with_a_stale_timestamp_is_refused(shared_server) -> None:
+    import msgpack
+
+    key = shared_server.info.key_bytes
+    payload = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": "OpenApp", "id": new_id(), "ref": None, "session": new_id(), "seq": 1,
+         "t": time.time() - 3600, "body": {"name": "stale"}}  # fmt: skip
+    )
+    reply = _error(shared_server, [sign(key, payload), payload])
+    assert reply.code == "replayed" and "outside the accepted window" in reply.message
+    assert "check the clocks" in reply.message
+    client = shared_server.client()
+    try:
+        assert _apps_named(client, "stale") == 0
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- DAG execution

@@ -30,8 +30,10 @@ from engine_server.protocol import (
     AbortRequest,
     ProtocolError,
     ReleaseContexts,
+    ReplayGuard,
     RunRequest,
     SamplingSpec,
+    Sender,
     SegmentSpec,
     StopWorker,
     WorkerDelta,
@@ -41,7 +43,6 @@ from engine_server.protocol import (
     WorkerLoad,
     WorkerStartFailed,
     decode,
-    encode,
 )
 
 if TYPE_CHECKING:
@@ -129,11 +130,13 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(endpoint)
+        self.sender = Sender(key)
+        self.guard = ReplayGuard()
         self._last_load: tuple | None = None
         self._last_load_t = 0.0
 
     def send(self, msg) -> None:
-        self.sock.send_multipart(encode(msg, self.key))
+        self.sock.send_multipart(self.sender.encode(msg))
 
     def load(self) -> bool:
         """Build the engine; on failure tell the server why (it will not restart us) and return False."""
@@ -180,10 +183,12 @@ class Worker:
             except zmq.Again:
                 return True
             try:
-                msg = decode(frames, self.key).msg
+                env = decode(frames, self.key)
+                self.guard.check(env)
             except ProtocolError as exc:
-                log.error("engine %d: malformed message from the server: %s", self.engine_id, exc)
+                log.error("engine %d: refused a message from the server: %s", self.engine_id, exc)
                 continue
+            msg = env.msg
             if isinstance(msg, StopWorker):
                 return False
             if isinstance(msg, RunRequest):
