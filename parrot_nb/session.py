@@ -172,28 +172,49 @@ def format_status(st: ServerStatus) -> str:
         lines.append(line)
     for a in st.apps:
         line = f"  app {a.name}: {a.requests} requests, {a.done} done, {a.failed} failed"
+        line += f", {a.cancelled} cancelled" if a.cancelled else ""
+        line += " (closed)" if a.closed else ""
         if a.prompt_tokens:
             line += f", {a.cached_tokens}/{a.prompt_tokens} prompt tokens from cache ({a.cached_tokens / a.prompt_tokens:.0%})"
         lines.append(line)
-    lines.append(f"  queued: {st.queued}")
+    lines.append(f"  queued: {st.queued}, unfinished: {st.unfinished}, held: {st.requests} requests, {st.variables} variables")
+    lines.append(f"  clients: {st.clients}")
     return "\n".join(lines)
 
 
 def stop(timeout: float = 15.0) -> None:
-    """Stop the connected server and disconnect."""
+    """Stop the connected server and disconnect.
+
+    A server this process started is ended with SIGKILL if it does not stop within
+    ``timeout``; for another one, ``TimeoutError`` says so and names its pid.
+    """
     global _client, _server
     client = require_client()
+    pid = client.info.pid
+    ours = _server if _server is not None and _server.pid == pid else None
     try:
         client.call(Shutdown(), timeout=timeout)
+    except TimeoutError:
+        if ours is None:
+            raise
     finally:
         client.close()
         _client = None
     deadline = time.monotonic() + timeout
-    while pid_alive(client.info.pid) and time.monotonic() < deadline:
-        if _server is not None and _server.pid == client.info.pid:
-            _server.poll()  # reap our own child so it does not linger as a zombie
+    while pid_alive(pid) and time.monotonic() < deadline:
+        if ours is not None:
+            ours.poll()  # reap our own child so it does not linger as a zombie
         time.sleep(0.05)
     _server = None
+    if pid_alive(pid):
+        if ours is not None:  # ours to end: it is not answering, so it goes the hard way
+            ours.kill()
+            ours.wait()
+            return
+        raise TimeoutError(
+            f"the engine server (pid {pid}) did not stop within {timeout:g} s of being told to; "
+            f"it may be stuck: end it with `kill {pid}`"
+        )
 
 
 def disconnect() -> None:

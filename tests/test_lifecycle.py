@@ -228,6 +228,20 @@ async def _await(var) -> str:
     return await var
 
 
+def test_interrupting_a_cell_that_displays_a_variable_cancels_it(session, ipython_shell) -> None:
+    out = _running(name="displayed")
+    ipython_shell.user_ns["displayed_var"] = out
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        ipython_shell.run_cell("displayed_var")  # streams until done, or until interrupted
+    finally:
+        timer.cancel()
+    with pytest.raises(SemanticVariableError, match=r"cancelled \(the cell displaying it was interrupted\)"):
+        out.get(timeout=5)
+    _wait_for(lambda: _status().unfinished == 0, "the server to cancel it")
+
+
 # --------------------------------------------------------------------------- forgetting
 
 
@@ -402,3 +416,16 @@ def test_calls_past_the_per_app_and_global_limits_are_refused_naming_the_flag(tm
     finally:
         raw.close()
         server.stop()
+
+
+def test_stop_ends_a_server_it_started_even_when_that_server_does_not_answer(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    client = parrot_nb.start(model="tiny")
+    pid = client.info.pid
+    try:
+        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+        parrot_nb.stop(timeout=2)
+        assert not pid_alive(pid)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)

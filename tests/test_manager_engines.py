@@ -33,10 +33,12 @@ def _connect_when_ready(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def two_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = ServerProcess(tmp_path_factory.mktemp("engines"), "--engines", "2")
-    _connect_when_ready(server)
-    yield server
-    parrot_nb.disconnect()
-    server.stop()
+    try:
+        _connect_when_ready(server)
+        yield server
+    finally:
+        parrot_nb.disconnect()
+        server.stop()
 
 
 def _queued(server: ServerProcess, function: str) -> list[str]:
@@ -205,10 +207,12 @@ def test_a_flooding_application_does_not_starve_another(two_engines: ServerProce
 @pytest.fixture
 def fresh_two_engines(tmp_path: Path) -> Iterator[ServerProcess]:
     server = ServerProcess(tmp_path, "--engines", "2")
-    _connect_when_ready(server)
-    yield server
-    parrot_nb.disconnect()
-    server.stop()
+    try:
+        _connect_when_ready(server)
+        yield server
+    finally:
+        parrot_nb.disconnect()
+        server.stop()
 
 
 def _wait_for_dispatch(server: ServerProcess, request_fn: str, attempt: int) -> int:

@@ -24,10 +24,12 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     server = ServerProcess(tmp_path_factory.mktemp("serve"), "--model", str(checkpoint))
-    parrot_nb.connect(server.connection_file)
-    yield server
-    parrot_nb.disconnect()
-    server.stop()
+    try:
+        parrot_nb.connect(server.connection_file)
+        yield server
+    finally:
+        parrot_nb.disconnect()
+        server.stop()
 
 
 def test_checkpoint_server_runs_a_chain_and_reports_its_model(server, checkpoint):

@@ -339,8 +339,8 @@ def test_an_engine_that_cannot_start_fails_requests_with_its_reason(tmp_path) ->
     from conftest import ServerProcess
 
     server = ServerProcess(tmp_path, "--device", "cuda")
-    parrot_nb.connect(server.connection_file)
     try:
+        parrot_nb.connect(server.connection_file)
         fn = SemanticFunction.from_template("f", "X: {{output:o max_tokens=2}}")
         with pytest.raises(SemanticVariableError, match="engine 0 could not start: RuntimeError: --device cuda, but torch"):
             fn().get(timeout=120)

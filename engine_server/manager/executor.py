@@ -105,6 +105,7 @@ class Executor:
         """
         app = self.graph.apps[app_id]
         app.closed = app.closed or reason
+        self.graph.mark_garbage()  # the app itself may go now
         if not forget:
             return []
         self.graph.forget_app(app_id)
@@ -221,6 +222,8 @@ class Executor:
             return
         self.contexts.acquire(assign_keys(node.segments))
         node.prefix = prefix_lengths(node.segments)
+        if any(v.forgotten for v in self.graph.input_variables(node)):
+            self.graph.mark_garbage()  # its program is fixed: dropped inputs it kept alive can go
         node.state = "queued"
         node.t_queued = time.monotonic()
         self.scheduler.push(node)

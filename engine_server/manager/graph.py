@@ -84,6 +84,8 @@ class Graph:
         # The served model's context length in tokens, from the first engine that registers
         # (0 until then): calls asking for more output than that are refused.
         self.max_context = 0
+        # Whether something may have become unreachable since the last collect().
+        self._garbage = False
         self.apps: dict[str, App] = {}
         self.requests: dict[str, RequestNode] = {}
         self.variables: dict[str, Variable] = {}
@@ -155,6 +157,8 @@ class Graph:
         app = self.apps[node.app_id]
         app.unfinished -= 1
         setattr(app, state, getattr(app, state) + 1)
+        if any(self.variables[v].forgotten for v in node.outputs.values()):
+            self._garbage = True  # dropped while it ran: it can go now
 
     # ----------------------------------------------------------------- forgetting
 
@@ -163,7 +167,11 @@ class Graph:
         for var_id in var_ids:
             var = self.variables.get(var_id)
             if var is not None:
-                var.forgotten = True
+                var.forgotten = self._garbage = True
+
+    def mark_garbage(self) -> None:
+        """Something may have become unreachable: the next ``collect`` looks."""
+        self._garbage = True
 
     def forget_app(self, app_id: str) -> None:
         """Every variable of the application is dropped (its client is gone)."""
@@ -179,6 +187,9 @@ class Graph:
         is fixed, so it no longer needs its inputs. A closed application goes with its last
         request.
         """
+        if not self._garbage:
+            return []
+        self._garbage = False
         keep: set[str] = set()
         stack: list[RequestNode] = []
         for node in self.requests.values():
