@@ -144,7 +144,7 @@ def test_a_missing_signature_is_refused() -> None:
 
 
 def test_a_field_name_that_is_not_a_string_is_refused() -> None:
-    body = {b"client_name": "x", "client_name": "y"}  # msgpack allows bytes keys; a dataclass cannot have them
+    body = {b"client_name": "x", "extra": "y"}  # msgpack allows bytes keys; a dataclass cannot have them
     with pytest.raises(ProtocolError, match="Hello: field names must be strings"):
         decode(signed({"v": PROTOCOL_VERSION, "type": "Hello", "id": "x", "body": body}, KEY), KEY)
 
