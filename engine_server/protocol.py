@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import reprlib
 import time
 import types
 import typing
@@ -44,6 +45,13 @@ PROTOCOL_VERSION = 2
 SIGNATURE_SCHEME = "hmac-sha256"
 # A message stamped further than this from the receiver's clock, either way, is refused.
 REPLAY_WINDOW_S = 300.0
+
+# Limits on what a peer may send. A frame over MAX_MESSAGE_BYTES is dropped by the
+# receiving ROUTER socket itself (zmq.MAXMSGSIZE), before it is held in memory; decode
+# refuses a larger payload on any socket. MAX_ITEMS bounds one msgpack array or map, so
+# a few header bytes cannot claim billions of elements.
+MAX_MESSAGE_BYTES = 64 * 2**20
+MAX_ITEMS = 1_000_000
 
 
 class ProtocolError(ValueError):
@@ -757,8 +765,8 @@ def encode(msg: Message, key: bytes, *, msg_id: str | None = None, ref: str | No
 def peek_id(frames: list[bytes]) -> str | None:
     """The message id of frames that may not decode, so a refusal can still name its request."""
     try:
-        raw = msgpack.unpackb(frames[-1], raw=False)
-    except Exception:
+        raw = _unpack(frames[-1])
+    except (IndexError, ProtocolError):
         return None
     msg_id = raw.get("id") if isinstance(raw, dict) else None
     return msg_id if isinstance(msg_id, str) else None
@@ -775,22 +783,19 @@ def decode(frames: list[bytes], key: bytes) -> Envelope:
     signature, payload = frames
     if key and not hmac.compare_digest(bytes(signature), sign(key, bytes(payload))):
         raise ProtocolError("bad signature: the message was not signed with this server's key")
-    try:
-        raw = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated exception types
-        raise ProtocolError(f"payload is not msgpack: {exc}") from None
+    raw = _unpack(payload)
     if not isinstance(raw, dict):
         raise ProtocolError("payload must be a msgpack map")
     version = raw.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 2.0
         raise ProtocolError(
-            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}): "
+            f"protocol version {_show(version)} is not supported (this side speaks {PROTOCOL_VERSION}): "
             "run the notebook and the engine server from the same parrot-nb installation"
         )
     type_name = raw.get("type")
     cls = _REGISTRY.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {type_name!r}")
+        raise ProtocolError(f"unknown message type {_show(type_name)}")
     msg_id = raw.get("id")
     ref = raw.get("ref")
     if not isinstance(msg_id, str) or not (ref is None or isinstance(ref, str)):
@@ -853,6 +858,26 @@ class ReplayGuard:
         self._sessions = {s: entry for s, entry in self._sessions.items() if entry[1] >= horizon}
 
 
+def _unpack(payload: bytes) -> Any:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes is over the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        return msgpack.unpackb(payload, raw=False, max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS)
+    except msgpack.StackError:
+        raise ProtocolError("payload is nested too deeply") from None
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"payload is not msgpack: {type(exc).__name__}: {exc}") from None
+
+
+# Values a peer sent, quoted in error messages: short, however large the value was.
+_quote = reprlib.Repr()
+_quote.maxlevel, _quote.maxstring, _quote.maxother, _quote.maxlist, _quote.maxdict = 3, 80, 80, 5, 5
+
+
+def _show(value: Any) -> str:
+    return _quote.repr(value)
+
+
 def to_dict(msg: Message) -> dict[str, Any]:
     """A JSON-friendly view of a message (for event logs)."""
     return {"type": msg.TYPE, **_unstructure(msg)}
@@ -885,9 +910,11 @@ def _structure(tp: Any, value: Any, where: str) -> Any:
             raise ProtocolError(f"{where}: expected a map")
         hints = _hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
+        if not all(isinstance(k, str) for k in value):
+            raise ProtocolError(f"{where}: field names must be strings")
         unknown = set(value) - names
         if unknown:
-            raise ProtocolError(f"{where}: unknown field(s) {sorted(unknown)}")
+            raise ProtocolError(f"{where}: unknown field(s) {_show(sorted(unknown))}")
         kwargs = {}
         for f in dataclasses.fields(tp):
             if f.name in value:
@@ -910,7 +937,7 @@ def _structure(tp: Any, value: Any, where: str) -> Any:
         raise ProtocolError(errors[0] if len(errors) == 1 else f"{where}: no alternative matched ({'; '.join(errors)})")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ProtocolError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+            raise ProtocolError(f"{where}: {_show(value)} is not one of {list(typing.get_args(tp))}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -925,7 +952,7 @@ def _structure(tp: Any, value: Any, where: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ProtocolError(f"{where}: map keys must be strings")
-            out[k] = _structure(item, v, f"{where}[{k!r}]")
+            out[k] = _structure(item, v, f"{where}[{_show(k)}]")
         return out
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

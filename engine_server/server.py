@@ -2,7 +2,8 @@
 
 Sockets:
 - ``requests`` ROUTER: clients' DEALERs send protocol requests; every one is
-  answered, a malformed one with ``ErrorReply`` (never fatal).
+  answered, a malformed one with ``ErrorReply`` (never fatal). A frame over
+  ``MAX_MESSAGE_BYTES`` cannot be answered: zmq drops it, and its connection.
 - ``events`` PUB: everything that happens (``protocol`` events), topic
   ``app.<app_id>`` or ``server``.
 - ``workers`` ROUTER: engine worker processes connect DEALERs to it.
@@ -40,6 +41,7 @@ from engine_server.manager.scheduler import Scheduler
 from engine_server.models import DEFAULT_MODEL, chat_format, resolve_model
 from engine_server.protocol import (
     CONNECTION_PREFIX,
+    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Ack,
     Activate,
@@ -166,6 +168,8 @@ class EngineServer:
         # One numbering per socket (each delivers in order); one guard for all that arrives.
         self._senders = {sock: Sender(self.key) for sock in (self.requests, self.events, self.workers)}
         self.guard = ReplayGuard()
+        for sock in (self.requests, self.workers):
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a huge frame must not exhaust memory
         self.events.setsockopt(zmq.SNDHWM, 100_000)  # token streams are bursty; don't drop events
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
@@ -349,6 +353,7 @@ class EngineServer:
         self._identity = identity
         handler = self._handlers.get(type(env.msg))
         if handler is None:
+            log.warning("refused %s: not a request", env.msg.TYPE)
             reply: Message = ErrorReply("unexpected", f"{env.msg.TYPE} is not a request this server accepts")
         else:
             try:
@@ -356,6 +361,7 @@ class EngineServer:
             except Overloaded as exc:
                 reply = ErrorReply("overloaded", str(exc))
             except (GraphError, ValueError) as exc:
+                log.info("refused %s: %.300s", env.msg.TYPE, exc)
                 reply = ErrorReply("invalid", str(exc))
             except Exception as exc:  # a bug must not take the server (and every notebook) down
                 log.exception("error handling %s", env.msg.TYPE)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import zmq
 
 from engine_server.protocol import (
+    Ack,
+    AppOpened,
     CloseApp,
     ConnectionInfo,
     ErrorReply,
@@ -102,8 +104,7 @@ class Client:
         self._thread = threading.Thread(target=self._io_loop, name="parrot-nb-client-io", daemon=True)
         self._thread.start()
         try:
-            welcome = self.call(Hello(name), timeout=timeout)
-            assert isinstance(welcome, Welcome)
+            welcome = self.call(Hello(name), timeout=timeout, expect=Welcome)
             self.client_id = welcome.client_id
             self.server_version = welcome.server_version
             self.client_timeout = welcome.client_timeout_s
@@ -138,8 +139,8 @@ class Client:
                 fut.set_exception(ConnectionError("this connection to the engine server is closed"))
         return fut
 
-    def call(self, msg: Message, timeout: float | None = 10.0) -> Message:
-        """Send ``msg`` and wait for the reply; ``ErrorReply`` raises ``ServerError``."""
+    def call(self, msg: Message, timeout: float | None = 10.0, *, expect: type[Message] = Message) -> Message:
+        """Send ``msg`` and wait for the reply; ``ErrorReply``, or a reply that is not an ``expect``, raises ``ServerError``."""
         fut = self.request(msg)
         try:
             reply = fut.result(timeout)
@@ -150,13 +151,19 @@ class Client:
             ) from None
         if isinstance(reply, ErrorReply):
             raise ServerError(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise ServerError(
+                "unexpected",
+                f"the engine server answered {msg.TYPE} with {reply.TYPE}, not {expect.TYPE}: it does not speak "
+                "this client's protocol; restart it with this parrot-nb (`%parrot stop`, then `%parrot start`)",
+            )
         return reply
 
     def app_id(self, name: str) -> str:
         """The server's id for the application called ``name`` (opened on first use)."""
         with self._apps_lock:
             if name not in self._apps:
-                reply = self.call(OpenApp(name))
+                reply = self.call(OpenApp(name), expect=AppOpened)
                 self._apps[name] = reply.app_id  # type: ignore[attr-defined]
             return self._apps[name]
 
@@ -222,7 +229,7 @@ class Client:
         while True:
             token = new_id()
             ready = self._synced[token] = threading.Event()
-            self.call(SyncEvents(token), timeout=max(0.1, deadline - time.monotonic()))
+            self.call(SyncEvents(token), timeout=max(0.1, deadline - time.monotonic()), expect=Ack)
             if ready.wait(0.2):
                 return
             if time.monotonic() > deadline:

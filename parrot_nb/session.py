@@ -155,9 +155,8 @@ def connect(connection_file: str | os.PathLike[str] | None = None, timeout: floa
 
 
 def status(timeout: float = 10.0) -> ServerStatus:
-    reply = require_client().call(Status(), timeout=timeout)
-    assert isinstance(reply, ServerStatus)
-    return reply
+    reply = require_client().call(Status(), timeout=timeout, expect=ServerStatus)
+    return reply  # type: ignore[return-value]
 
 
 def format_status(st: ServerStatus) -> str:
