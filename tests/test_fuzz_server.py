@@ -295,5 +295,5 @@ WORKER_SIDE = [cls for cls in message_types().values() if cls is not WorkerStart
 def test_garbage_on_the_workers_socket_is_dropped_and_logged(worker_socket: Raw, sent: list[bytes] | Message) -> None:
     frames = encode(sent, worker_socket.key) if isinstance(sent, Message) else sent
     worker_socket.sock.send_multipart(frames)
-    _wait_for_log(worker_socket, r"malformed message from an engine worker|unregistered engine worker|unexpected worker hello")
+    _wait_for_log(worker_socket, r"refused a message on the workers socket|unregistered engine worker|unexpected worker hello")
     assert not worker_socket.sock.poll(0), "nothing is answered on the workers socket"

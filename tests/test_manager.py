@@ -451,3 +451,18 @@ def test_a_call_asking_more_than_the_models_context_is_refused_naming_its_output
     spec = FunctionSpec("big", [ChunkSpec("output", name="y", sampling=SamplingSpec(max_tokens=129))])
     with pytest.raises(GraphError, match=r"\{\{output:y\}\}: max_tokens=129 .*\(128 tokens"):
         m.executor.submit(SubmitCall(m.app, "big", spec, {}, {"y": "big.y"}))
+
+
+def test_a_call_whose_outputs_share_a_variable_id_is_refused() -> None:
+    m = Manager()
+    chunks = [ChunkSpec("output", name=n, sampling=SamplingSpec()) for n in ("a", "b")]
+    with pytest.raises(GraphError, match="same variable id"):
+        m.executor.submit(SubmitCall(m.app, "r", FunctionSpec("two", chunks), {}, {"a": "v", "b": "v"}))
+    assert "v" not in m.graph.variables and "r" not in m.graph.requests
+
+
+def test_a_function_declaring_an_output_twice_is_refused() -> None:
+    m = Manager()
+    chunks = [ChunkSpec("output", name="a", sampling=SamplingSpec()), ChunkSpec("output", name="a", sampling=SamplingSpec())]
+    with pytest.raises(GraphError, match="declares output 'a' twice"):
+        m.executor.submit(SubmitCall(m.app, "r", FunctionSpec("dup", chunks), {}, {"a": "v"}))

@@ -113,6 +113,11 @@ class Graph:
         declared_outputs = [c.name for c in fn.chunks if c.kind == "output"]
         if not declared_outputs:
             raise GraphError(f"function {fn.name!r} has no output chunk")
+        if len(set(declared_outputs)) != len(declared_outputs):
+            twice = next(n for n in declared_outputs if declared_outputs.count(n) > 1)
+            raise GraphError(f"function {fn.name!r} declares output {twice!r} twice; give each output its own name")
+        if len(set(call.outputs.values())) != len(call.outputs):
+            raise GraphError(f"call of {fn.name!r}: two outputs were given the same variable id; each needs its own")
         if declared_inputs != set(call.inputs):
             missing = sorted(declared_inputs - set(call.inputs))
             extra = sorted(set(call.inputs) - declared_inputs)
