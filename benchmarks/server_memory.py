@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="parrot-nb-memory-"))
     connection_file = tmp / "server.json"
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine_server", "--model", "tiny", "--connection-file", str(connection_file), "--log-level", "WARNING"],
+        [
+            sys.executable, "-m", "engine_server", "--model", "tiny", "--connection-file", str(connection_file),
+            "--log-level", "WARNING", "--max-running", str(args.max_running),
+        ],  # fmt: skip
         cwd=args.repo,
     )
     try:
@@ -53,14 +56,15 @@ def run(args: argparse.Namespace) -> dict:
         fn(i="warm-up").get(timeout=300)
         samples = []
         t0 = time.monotonic()
-        done = 0
+        done, next_sample = 0, args.every
         while done < args.requests:
             window = [fn(i=str(done + k)) for k in range(min(args.window, args.requests - done))]
             for v in window:
                 v.get(timeout=300)
             done += len(window)
             del window, v
-            if done % args.every == 0 or done == args.requests:
+            if done >= next_sample or done == args.requests:
+                next_sample += args.every
                 st = parrot_nb.status()
                 samples.append(
                     {
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "requests": args.requests,
             "window": args.window,
+            "max_running": args.max_running,
             "samples": samples,
             "rss_growth_mib": round(samples[-1]["server_rss_mib"] - samples[0]["server_rss_mib"], 1),
         }
@@ -93,8 +98,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
-    parser.add_argument("--window", type=int, default=200, help="calls in flight at once")
+    parser.add_argument("--window", type=int, default=256, help="calls in flight at once")
     parser.add_argument("--every", type=int, default=10_000, help="sample every this many requests")
+    parser.add_argument("--max-running", type=int, default=64, help="the engine's batch (the server's flag)")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent, help="the checkout to serve")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json")
