@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> dict:
     server = subprocess.Popen(
         [
             sys.executable, "-m", "engine_server", "--model", "tiny", "--connection-file", str(connection_file),
-            "--log-level", "WARNING", "--max-running", str(args.max_running),
+            "--log-level", "WARNING", "--max-running", str(args.max_running), "--kv-cache-mb", str(args.kv_cache_mb),
         ],  # fmt: skip
         cwd=args.repo,
     )
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             "requests": args.requests,
             "window": args.window,
             "max_running": args.max_running,
+            "kv_cache_mb": args.kv_cache_mb,
             "samples": samples,
             "rss_growth_mib": round(samples[-1]["server_rss_mib"] - samples[0]["server_rss_mib"], 1),
         }
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256, help="calls in flight at once")
     parser.add_argument("--every", type=int, default=10_000, help="sample every this many requests")
     parser.add_argument("--max-running", type=int, default=64, help="the engine's batch (the server's flag)")
+    # Small on purpose: every record's prompt is cached, and the engine's eviction scans every cached
+    # context, so a big pool full of them makes each request slower (this measures the server, not that).
+    parser.add_argument("--kv-cache-mb", type=int, default=4, help="the engine's KV pool (the server's flag)")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent, help="the checkout to serve")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json")
