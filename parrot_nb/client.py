@@ -8,7 +8,6 @@ Events resolve the semantic variables this client created.
 
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
