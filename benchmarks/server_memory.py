@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> dict:
         while done < args.requests:
             window = [fn(i=str(done + k)) for k in range(min(args.window, args.requests - done))]
             for v in window:
-                v.get(timeout=300)
+                v.activate("throughput")  # all at once, so the engine batches them
+            for v in window:
+                v.get("throughput", timeout=300)
             done += len(window)
             del window, v
             if done >= next_sample or done == args.requests:
@@ -101,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=256, help="calls in flight at once")
     parser.add_argument("--every", type=int, default=10_000, help="sample every this many requests")
-    parser.add_argument("--max-running", type=int, default=64, help="the engine's batch (the server's flag)")
+    parser.add_argument("--max-running", type=int, default=32, help="the engine's batch (the server's flag)")
     # Small on purpose: every record's prompt is cached, and the engine's eviction scans every cached
     # context, so a big pool full of them makes each request slower (this measures the server, not that).
-    parser.add_argument("--kv-cache-mb", type=int, default=4, help="the engine's KV pool (the server's flag)")
+    parser.add_argument("--kv-cache-mb", type=int, default=16, help="the engine's KV pool (the server's flag)")
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent, help="the checkout to serve")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json")

@@ -81,9 +81,9 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for a whole test module."""
-    server = ServerProcess(tmp_path_factory.mktemp("server"))
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a whole test module, started with the module's ``SERVER_ARGS`` if it has them."""
+    server = ServerProcess(tmp_path_factory.mktemp("server"), *getattr(request.module, "SERVER_ARGS", ()))
     try:
         yield server
     finally:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import zmq
@@ -86,23 +86,8 @@ def _spec(name: str = "f", **sampling) -> FunctionSpec:
     return FunctionSpec(name, [ChunkSpec("text", text="Q: "), ChunkSpec("output", name="y", sampling=SamplingSpec(**sampling))])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the module; a silent client is dead after 2 s."""
-    proc = ServerProcess(tmp_path_factory.mktemp("lifecycle"), "--client-timeout", "2")
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def session(server: ServerProcess) -> Iterator[ServerProcess]:
-    parrot_nb.connect(server.connection_file)
-    try:
-        yield server
-    finally:
-        parrot_nb.disconnect()
+# The module's server (conftest's shared_server): a silent client is dead after 2 s.
+SERVER_ARGS = ("--client-timeout", "2")
 
 
 def _status() -> ServerStatus:
@@ -112,8 +97,8 @@ def _status() -> ServerStatus:
 # --------------------------------------------------------------------------- one rulebook
 
 
-def test_server_refuses_sampling_that_breaks_the_rules_naming_the_placeholder(server) -> None:
-    raw = RawClient(server)
+def test_server_refuses_sampling_that_breaks_the_rules_naming_the_placeholder(shared_server) -> None:
+    raw = RawClient(shared_server)
     try:
         app = raw.call(OpenApp("raw")).app_id  # type: ignore[attr-defined]
         call = SubmitCall(app, new_id(), _spec(seed=2**63), {}, {"y": new_id()})
@@ -124,14 +109,14 @@ def test_server_refuses_sampling_that_breaks_the_rules_naming_the_placeholder(se
         raw.close()
 
 
-def test_more_output_than_the_models_context_fails_naming_the_placeholder(session) -> None:
+def test_more_output_than_the_models_context_fails_naming_the_placeholder(connected) -> None:
     _wait_for(lambda: _status().engines[0].state == "ready", "the engine")
     greedy = SemanticFunction.from_template("greedy", "Q: {{output:answer max_tokens=100000}}")
     with pytest.raises(SemanticVariableError, match=r"\{\{output:answer\}\}: max_tokens=100000 .*\(4096 tokens"):
         greedy().get(timeout=30)
 
 
-def test_a_message_that_cannot_be_encoded_fails_its_call_and_nothing_else(session) -> None:
+def test_a_message_that_cannot_be_encoded_fails_its_call_and_nothing_else(connected) -> None:
     client = parrot_nb.session.require_client()
     app = client.app_id("encode")
     unsendable = SubmitCall(app, new_id(), _spec(seed=2**70), {}, {"y": new_id()})  # past msgpack's 64 bits
@@ -144,20 +129,20 @@ def test_a_message_that_cannot_be_encoded_fails_its_call_and_nothing_else(sessio
 # --------------------------------------------------------------------------- cancel
 
 
-def test_cancel_fails_the_variable_and_frees_its_engine(session) -> None:
+def test_cancel_fails_the_variable_and_frees_its_engine(connected) -> None:
     out = _running()
     assert out.cancel() is True
     with pytest.raises(SemanticVariableError, match=r"slow\.o: cancelled"):
         out.get(timeout=5)
     _wait_for(lambda: _status().unfinished == 0 and _status().engines[0].running == 0, "the engine to be free")
-    cancelled = _events(session, "RequestCancelled")
+    cancelled = _events(connected, "RequestCancelled")
     assert cancelled and "cancelled with .cancel()" in cancelled[-1]["reason"]
     # The engine stopped generating it, and says so in its load reports.
-    assert cancelled[-1]["request_id"] not in {e["request_id"] for e in _events(session, "RequestFinished")}
-    _wait_for(lambda: _events(session, "EngineLoad")[-1]["running"] == 0, "the engine to report it idle")
+    assert cancelled[-1]["request_id"] not in {e["request_id"] for e in _events(connected, "RequestFinished")}
+    _wait_for(lambda: _events(connected, "EngineLoad")[-1]["running"] == 0, "the engine to report it idle")
 
 
-def test_cancel_keeps_the_requests_another_waiting_variable_needs(session) -> None:
+def test_cancel_keeps_the_requests_another_waiting_variable_needs(connected) -> None:
     base = SemanticFunction.from_template("base", "Go: {{output:o}}", max_tokens=400, ignore_eos=True)
     left = SemanticFunction.from_template("left", "L {{input:x}} {{output:y max_tokens=2}}")
     right = SemanticFunction.from_template("right", "R {{input:x}} {{output:y max_tokens=2}}")
@@ -171,16 +156,16 @@ def test_cancel_keeps_the_requests_another_waiting_variable_needs(session) -> No
     assert shared.get(timeout=5)
     with pytest.raises(SemanticVariableError, match="cancelled"):
         a.get(timeout=5)
-    cancelled = {e["request_id"] for e in _events(session, "RequestCancelled")}
-    finished = {e["request_id"] for e in _events(session, "RequestFinished")}
-    queued = {e["request_id"]: e["function"] for e in _events(session, "RequestQueued")}
+    cancelled = {e["request_id"] for e in _events(connected, "RequestCancelled")}
+    finished = {e["request_id"] for e in _events(connected, "RequestFinished")}
+    queued = {e["request_id"]: e["function"] for e in _events(connected, "RequestQueued")}
     assert {queued[r] for r in finished if r in queued} >= {"base", "right"}
     assert "left" not in {queued.get(r) for r in finished}
     assert not {r for r in cancelled if queued.get(r) in ("base", "right")}
 
 
-def test_cancel_reply_names_what_it_stopped(server) -> None:
-    raw = RawClient(server)
+def test_cancel_reply_names_what_it_stopped(shared_server) -> None:
+    raw = RawClient(shared_server)
     try:
         app = raw.call(OpenApp("raw-cancel")).app_id  # type: ignore[attr-defined]
         var = new_id()
@@ -194,7 +179,7 @@ def test_cancel_reply_names_what_it_stopped(server) -> None:
         raw.close()
 
 
-def test_interrupting_get_cancels_the_variable(session) -> None:
+def test_interrupting_get_cancels_the_variable(connected) -> None:
     out = _running(name="interrupted")
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -208,7 +193,7 @@ def test_interrupting_get_cancels_the_variable(session) -> None:
     _wait_for(lambda: _status().unfinished == 0, "the server to cancel it")
 
 
-def test_cancelling_an_awaiting_task_cancels_the_variable(session) -> None:
+def test_cancelling_an_awaiting_task_cancels_the_variable(connected) -> None:
     out = _running(name="awaited")
 
     async def main() -> None:
@@ -228,7 +213,7 @@ async def _await(var) -> str:
     return await var
 
 
-def test_interrupting_a_cell_that_displays_a_variable_cancels_it(session, ipython_shell) -> None:
+def test_interrupting_a_cell_that_displays_a_variable_cancels_it(connected, ipython_shell) -> None:
     out = _running(name="displayed")
     ipython_shell.user_ns["displayed_var"] = out
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
@@ -265,7 +250,7 @@ def test_dropped_variables_are_freed_on_the_server(tmp_path) -> None:
         server.stop()
 
 
-def test_a_dropped_input_of_a_waiting_call_is_kept_until_that_call_runs(session) -> None:
+def test_a_dropped_input_of_a_waiting_call_is_kept_until_that_call_runs(connected) -> None:
     produce = SemanticFunction.from_template("produce", "P: {{output:y max_tokens=2}}")
     consume = SemanticFunction.from_template("consume", "C {{input:x}} {{output:y max_tokens=2}}")
     x = produce()
@@ -278,25 +263,25 @@ def test_a_dropped_input_of_a_waiting_call_is_kept_until_that_call_runs(session)
     assert later.get(timeout=60) == direct.get(timeout=60)  # the same prompt: its input survived
 
 
-def test_an_app_block_closes_its_app_once_its_variables_are_done(session) -> None:
+def test_an_app_block_closes_its_app_once_its_variables_are_done(connected) -> None:
     fn = SemanticFunction.from_template("in_block", "Q: {{output:y max_tokens=3}}")
     with parrot_nb.app("block"):
         v = fn()
         app_id = v.app_id
-        assert not [e for e in _events(session, "AppClosed") if e["app_id"] == app_id]
+        assert not [e for e in _events(connected, "AppClosed") if e["app_id"] == app_id]
     # It closes only when its variable settles.
     time.sleep(0.5)
-    assert not [e for e in session.events() if e["type"] == "CloseApp" and e["app_id"] == app_id]
+    assert not [e for e in connected.events() if e["type"] == "CloseApp" and e["app_id"] == app_id]
     v.get(timeout=60)
-    _wait_for(lambda: [e for e in _events(session, "AppClosed") if e["app_id"] == app_id], "the app to close")
+    _wait_for(lambda: [e for e in _events(connected, "AppClosed") if e["app_id"] == app_id], "the app to close")
     with parrot_nb.app("block"):
         again = fn()
     assert again.app_id != app_id  # a new block opens a new application
     assert isinstance(again.get(timeout=60), str)
 
 
-def test_a_closed_app_refuses_calls(server) -> None:
-    raw = RawClient(server)
+def test_a_closed_app_refuses_calls(shared_server) -> None:
+    raw = RawClient(shared_server)
     try:
         app = raw.call(OpenApp("to-close")).app_id  # type: ignore[attr-defined]
         raw.call(CloseApp(app))
@@ -306,31 +291,31 @@ def test_a_closed_app_refuses_calls(server) -> None:
         raw.close()
 
 
-def test_disconnecting_cancels_the_clients_work_and_closes_its_apps(server) -> None:
-    parrot_nb.connect(server.connection_file)
+def test_disconnecting_cancels_the_clients_work_and_closes_its_apps(shared_server) -> None:
+    parrot_nb.connect(shared_server.connection_file)
     out = _running(name="left_behind")
     app_id = out.app_id
     parrot_nb.disconnect()
-    _wait_for(lambda: [e for e in _events(server, "AppClosed") if e["app_id"] == app_id], "the app to close")
-    cancelled = [e for e in _events(server, "RequestCancelled") if e["app_id"] == app_id]
+    _wait_for(lambda: [e for e in _events(shared_server, "AppClosed") if e["app_id"] == app_id], "the app to close")
+    cancelled = [e for e in _events(shared_server, "RequestCancelled") if e["app_id"] == app_id]
     assert cancelled and "disconnected" in cancelled[0]["reason"]
 
 
 # --------------------------------------------------------------------------- liveness
 
 
-def test_a_silent_client_is_taken_as_dead_and_its_work_cancelled(server) -> None:
-    raw = RawClient(server)
+def test_a_silent_client_is_taken_as_dead_and_its_work_cancelled(shared_server) -> None:
+    raw = RawClient(shared_server)
     try:
         client_id = raw.call(Hello("silent")).client_id  # type: ignore[attr-defined]
         app = raw.call(OpenApp("silent-app")).app_id  # type: ignore[attr-defined]
         var = new_id()
         raw.call(SubmitCall(app, new_id(), _spec(max_tokens=3000, ignore_eos=True), {}, {"y": var}))
         raw.call(Activate(app, var))
-        _wait_for(lambda: [e for e in _events(server, "ClientGone") if e["client_id"] == client_id], "the client to be dropped", 20)
-        gone = [e for e in _events(server, "ClientGone") if e["client_id"] == client_id][0]
+        _wait_for(lambda: [e for e in _events(shared_server, "ClientGone") if e["client_id"] == client_id], "the client to be dropped", 20)
+        gone = [e for e in _events(shared_server, "ClientGone") if e["client_id"] == client_id][0]
         assert "no message from it for more than 2 s" in gone["reason"]
-        assert [e for e in _events(server, "RequestCancelled") if e["app_id"] == app]
+        assert [e for e in _events(shared_server, "RequestCancelled") if e["app_id"] == app]
         # When it speaks again, it is told what happened.
         reply = raw.call(Heartbeat())
         assert isinstance(reply, ErrorReply) and reply.code == "gone" and "%parrot connect" in reply.message
@@ -338,10 +323,10 @@ def test_a_silent_client_is_taken_as_dead_and_its_work_cancelled(server) -> None
         raw.close()
 
 
-def test_heartbeats_keep_an_idle_client_alive(session) -> None:
+def test_heartbeats_keep_an_idle_client_alive(connected) -> None:
     client = parrot_nb.session.require_client()
     time.sleep(5)  # more than twice the server's 2 s client timeout
-    assert not [e for e in _events(session, "ClientGone") if e["client_id"] == client.client_id]
+    assert not [e for e in _events(connected, "ClientGone") if e["client_id"] == client.client_id]
     fn = SemanticFunction.from_template("after_idle", "Q: {{output:y max_tokens=2}}")
     assert isinstance(fn().get(timeout=60), str)
 

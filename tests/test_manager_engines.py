@@ -30,15 +30,20 @@ def _connect_when_ready(server: ServerProcess) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def two_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("engines"), "--engines", "2")
+def _two_engine_server(path: Path) -> Iterator[ServerProcess]:
+    """A server with two engines, connected once both are ready; stopped afterwards, whatever happened."""
+    server = ServerProcess(path, "--engines", "2")
     try:
         _connect_when_ready(server)
         yield server
     finally:
         parrot_nb.disconnect()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from _two_engine_server(tmp_path_factory.mktemp("engines"))
 
 
 def _queued(server: ServerProcess, function: str) -> list[str]:
@@ -206,13 +211,7 @@ def test_a_flooding_application_does_not_starve_another(two_engines: ServerProce
 
 @pytest.fixture
 def fresh_two_engines(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path, "--engines", "2")
-    try:
-        _connect_when_ready(server)
-        yield server
-    finally:
-        parrot_nb.disconnect()
-        server.stop()
+    yield from _two_engine_server(tmp_path)
 
 
 def _wait_for_dispatch(server: ServerProcess, request_fn: str, attempt: int) -> int:
