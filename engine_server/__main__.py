@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     life = parser.add_argument_group("clients and lifetime")
     life.add_argument(
         "--client-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-        help="a client that sends nothing (clients heartbeat) for this long is taken as dead: its unfinished "
-        "requests are cancelled and its applications closed (default: 10)",
+        help="a client that sends nothing (clients heartbeat) for this long is taken as dead: what only it "
+        "waited for is cancelled and its applications are closed (default: 10)",
     )  # fmt: skip
     life.add_argument(
         "--owner-pid", type=_positive_int, default=None, metavar="PID",
