@@ -8,7 +8,8 @@ variables it holds.
 
     .venv/bin/python benchmarks/server_memory.py --out benchmarks/results/server_memory
 
-Run it against an older checkout to compare (``--label`` names the run in the output).
+Run it against an older checkout to compare (``--label`` names the run in the output), then
+``server_memory.py compare A.json B.json > OUT.md`` puts the runs side by side.
 """
 
 from __future__ import annotations
@@ -98,7 +99,35 @@ def run(args: argparse.Namespace) -> dict:
             server.wait()
 
 
+def compare(paths: list[Path]) -> str:
+    """A markdown table of runs side by side (RSS and what the server holds at each sample)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    lines = [
+        "# Server memory over a long run",
+        "",
+        f"RSS of the engine server process (the engine worker is a separate process, not counted); "
+        f"{runs[0]['requests']:,} calls of the tiny model, 1 output token each, {runs[0]['window']} in flight, "
+        f"results dropped at once. Machine: {runs[0]['machine']}.",
+        "",
+        "| requests done | " + " | ".join(f"{r['label']}: RSS MiB (requests held)" for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for i, sample in enumerate(runs[0]["samples"]):
+        cells = []
+        for r in runs:
+            s = r["samples"][i] if i < len(r["samples"]) else None
+            held = "" if s is None or s["held_requests"] is None else f" ({s['held_requests']})"
+            cells.append("" if s is None else f"{s['server_rss_mib']}{held}")
+        lines.append(f"| {sample['requests_done']:,} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"- {r['label']}: RSS grew {r['rss_growth_mib']} MiB from the first sample to the last." for r in runs], ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "compare":  # compare RUN.json ... > OUT.md
+        print(compare([Path(p) for p in argv[1:]]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=256, help="calls in flight at once")
