@@ -363,8 +363,10 @@ class Client:
             self._fail_everything(reply.message)
 
     @staticmethod
-    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
-        while True:
+    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None], limit: int = 1000) -> None:
+        # At most ``limit`` at a time: under a flood of events the loop must still come round
+        # to sending (heartbeats above all, or the server takes this client as dead).
+        for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

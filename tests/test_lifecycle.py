@@ -414,3 +414,25 @@ def test_stop_ends_a_server_it_started_even_when_that_server_does_not_answer(tmp
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_client_reads_a_flood_in_bounded_bites_so_it_keeps_sending_heartbeats() -> None:
+    from parrot_nb.client import Client
+
+    ctx = zmq.Context.instance()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        for i in range(10):
+            push.send_multipart([str(i).encode()])
+        seen: list[list[bytes]] = []
+        _wait_for(lambda: pull.poll(100), "the messages")
+        time.sleep(0.2)  # all ten queued at the receiver
+        Client._drain(pull, seen.append, limit=3)
+        assert [f[0] for f in seen] == [b"0", b"1", b"2"]  # back to the loop, the rest still waiting
+        Client._drain(pull, seen.append, limit=100)
+        assert len(seen) == 10
+    finally:
+        push.close(0)
+        pull.close(0)

@@ -466,3 +466,18 @@ def test_a_function_declaring_an_output_twice_is_refused() -> None:
     chunks = [ChunkSpec("output", name="a", sampling=SamplingSpec()), ChunkSpec("output", name="a", sampling=SamplingSpec())]
     with pytest.raises(GraphError, match="declares output 'a' twice"):
         m.executor.submit(SubmitCall(m.app, "r", FunctionSpec("dup", chunks), {}, {"a": "v"}))
+
+
+def test_cancelling_after_a_running_requests_inputs_were_freed_still_works() -> None:
+    m = Manager(capacity=2)
+    source = m.call("source")
+    m.executor.activate(source, "latency")
+    m.finish("source")
+    reader = m.call("reader", {"x": InputValue(var_id=source)})
+    other = m.call("other")
+    m.executor.activate(reader, "latency")
+    m.executor.activate(other, "latency")
+    m.graph.forget([source])
+    assert m.executor.collect() == 1  # the reader runs with its program fixed: its input can go
+    _, cancelled = m.executor.cancel([other], "stop")  # walks upstream of the reader, still requested
+    assert cancelled == ["other"] and m.graph.requests["reader"].state == "running"

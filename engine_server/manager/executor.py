@@ -320,7 +320,8 @@ class Executor:
             if node is None or node.id in found or node.state in TERMINAL:
                 continue
             found[node.id] = node
-            stack.extend(self.graph.producer(v.id) for v in self.graph.input_variables(node) if v.state != "done")
+            if node.state == "waiting":  # a queued or running request's inputs are done (and may be freed)
+                stack.extend(self.graph.producer(v.id) for v in self.graph.input_variables(node) if v.state != "done")
         return list(found.values())
 
     def _cancel_upstream(self, candidates: list[RequestNode], targets: set[str], reason: str) -> tuple[list[str], list[str]]:
