@@ -72,7 +72,8 @@ def run_client(connection_file: str, first_app: int, apps: int, chains: int, dep
         runs = [asyncio.ensure_future(application(app)) for app in range(first_app, first_app + apps)]
         while len(app_ids) < apps:  # every call is submitted: say which applications are ours
             await asyncio.sleep(0.05)
-        Path(out + ".apps").write_text(json.dumps(app_ids))
+        Path(out + ".apps.tmp").write_text(json.dumps(app_ids))
+        os.replace(out + ".apps.tmp", out + ".apps")  # the harness polls for it: never half-written
         return [x for run in await asyncio.gather(*runs) for x in run]
 
     app_ids: dict[str, str] = {}
