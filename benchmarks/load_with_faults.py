@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=5, help="client processes; the last one is killed")
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=2)
-    parser.add_argument("--client-timeout", type=float, default=3.0)
+    parser.add_argument("--client-timeout", type=float, default=10.0, help="the server's (default: its own default)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds the surviving clients may take")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     return parser

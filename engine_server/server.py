@@ -456,6 +456,10 @@ class EngineServer:
         """Drop silent clients, stop when the owner is gone, free what nothing reaches."""
         now = self._housekept = time.monotonic()
         timeout = self.config.client_timeout_s
+        if any(now - client.last_seen > timeout for client in self.clients.values()):
+            # A busy loop may not have read their latest messages yet: read them before judging.
+            self._drain(self.requests, self._on_client_frames)
+            now = time.monotonic()
         for identity, client in list(self.clients.items()):
             if now - client.last_seen > timeout:
                 del self.clients[identity]
