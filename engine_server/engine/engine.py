@@ -368,9 +368,11 @@ class Engine:
             "kv_blocks_used": self.pool.num_used,
             "kv_blocks_total": self.pool.num_blocks,
             "cached_keys": len(self.cache.contexts),
-            # When nothing runs, every used block must be one of these; any other is a leak.
-            "kv_blocks_cached": len({b for ctx in self.cache.contexts.values() for b in ctx.blocks}),
         }
+
+    def cached_blocks(self) -> int:
+        """Blocks the context cache holds: when nothing runs, every used block must be one of these."""
+        return len({b for ctx in self.cache.contexts.values() for b in ctx.blocks})
 
     def run(self, segments: Sequence[Segment], on_delta: Callable[[str, str], None] | None = None) -> RunResult:
         """Run one program to completion (other queued requests progress too)."""

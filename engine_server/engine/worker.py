@@ -251,7 +251,9 @@ class Worker:
             return False
         if not engine.cache.evicted and now - self._last_load_t < LOAD_INTERVAL_S:
             return True
-        self.send(WorkerLoad(self.engine_id, evicted_keys=engine.cache.take_evicted(), **load))
+        # The cached-block count is a scan of the cache: made only for a report that goes out.
+        cached = engine.cached_blocks()
+        self.send(WorkerLoad(self.engine_id, evicted_keys=engine.cache.take_evicted(), kv_blocks_cached=cached, **load))
         self._last_load, self._last_load_t = state, now
         return False
 
