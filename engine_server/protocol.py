@@ -76,6 +76,10 @@ class Message:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__name__ in _REGISTRY:
+            # A message's name is its type on the wire: a second class of the same name would
+            # silently take the first one's place in decode.
+            raise TypeError(f"message type {cls.__name__!r} is already defined ({_REGISTRY[cls.__name__].__module__})")
         cls.TYPE = cls.__name__
         _REGISTRY[cls.__name__] = cls
 
