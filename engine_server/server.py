@@ -318,8 +318,9 @@ class EngineServer:
     def publish(self, event: Message) -> None:
         app_id = getattr(event, "app_id", None)
         topic = f"app.{app_id}" if app_id else "server"
-        self._send_frames(self.events, [topic.encode()], event)
+        # Logged first: whoever reads the log after seeing the event finds it there.
         self._log("event", event)
+        self._send_frames(self.events, [topic.encode()], event)
 
     def send_to_engine(self, engine_id: int, msg: Message) -> None:
         proc = self.engines[engine_id]
