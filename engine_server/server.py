@@ -524,8 +524,10 @@ class EngineServer:
         env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
         if self.config.device == "cuda":
             # One engine per GPU, round robin when there are more engines than GPUs (for testing).
+            # With none visible (CUDA_VISIBLE_DEVICES set empty) the engine sees none either, and
+            # its start fails saying so, rather than taking a GPU the user hid.
             gpus = visible_gpus()
-            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)] if gpus else ""
         return subprocess.Popen(cmd, env=env)
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
@@ -611,11 +613,12 @@ def is_loopback(ip: str) -> bool:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs engines may use, without importing torch: CUDA_VISIBLE_DEVICES, else the driver's list."""
+    """The GPUs engines may use, without importing torch: CUDA_VISIBLE_DEVICES (set but empty: none),
+    else the driver's list."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [g.strip() for g in visible.split(",") if g.strip()]
     else:
         driver = Path("/proc/driver/nvidia/gpus")
         ids = [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
-    return ids or ["0"]
+    return ids

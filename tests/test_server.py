@@ -345,6 +345,15 @@ def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_proce
     assert not pid_alive(engine_pid)
 
 
+def test_gpus_hidden_by_cuda_visible_devices_stay_hidden_from_engines(monkeypatch) -> None:
+    from engine_server.server import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []  # set but empty: no GPU at all, not GPU 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1, 3")
+    assert visible_gpus() == ["1", "3"]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_engine_that_cannot_start_fails_requests_with_its_reason(tmp_path) -> None:
     from conftest import ServerProcess
