@@ -34,6 +34,7 @@ from typing import IO, Any
 import zmq
 
 from engine_server import __version__
+from engine_server.history import EventHistory
 from engine_server.keys import CurveKeys, KeysError, load_keys
 from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
@@ -58,6 +59,8 @@ from engine_server.protocol import (
     ErrorReply,
     EventsSynced,
     Forget,
+    GetHistory,
+    GetRequestDetail,
     Goodbye,
     Heartbeat,
     Hello,
@@ -174,6 +177,7 @@ class EngineServer:
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
         self.executor = Executor(self.graph, self.scheduler, self.publish, self.send_to_engine)
+        self.history = EventHistory()  # what widgets opened late draw from (GetHistory)
         self.engines: dict[int, EngineProcess] = {}
         self.connection_file: Path | None = None
         self._event_log: IO[str] | None = None
@@ -193,6 +197,8 @@ class EngineServer:
             Heartbeat: self._on_heartbeat,
             Goodbye: self._on_goodbye,
             Status: self._on_status,
+            GetHistory: self._on_get_history,
+            GetRequestDetail: self._on_get_request_detail,
             Shutdown: self._on_shutdown,
         }
 
@@ -318,8 +324,10 @@ class EngineServer:
     def publish(self, event: Message) -> None:
         app_id = getattr(event, "app_id", None)
         topic = f"app.{app_id}" if app_id else "server"
-        # Logged first: whoever reads the log after seeing the event finds it there.
+        # Logged and kept first: whoever reads the log, or asks for the history, after seeing
+        # the event finds it there.
         self._log("event", event)
+        self.history.record(event)
         self._send_frames(self.events, [topic.encode()], event)
 
     def send_to_engine(self, engine_id: int, msg: Message) -> None:
@@ -469,7 +477,8 @@ class EngineServer:
         if owner is not None and not self.clients and not pid_alive(owner):
             log.info("the process that started this server (pid %d) has exited and no client is left: stopping", owner)
             self._running = False
-        self.executor.collect()
+        if self.executor.collect():
+            self.history.retain(self.graph.requests, self.graph.apps)
 
     def _on_status(self, msg: Status) -> Message:
         engines = []
@@ -503,6 +512,12 @@ class EngineServer:
             variables=len(self.graph.variables),
             unfinished=self.graph.unfinished,
         )
+
+    def _on_get_history(self, msg: GetHistory) -> Message:
+        return self.history.reply(msg.app_name)
+
+    def _on_get_request_detail(self, msg: GetRequestDetail) -> Message:
+        return self.executor.detail(msg.request_id)
 
     def _on_shutdown(self, msg: Shutdown) -> Message:
         self._running = False
