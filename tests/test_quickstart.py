@@ -11,16 +11,27 @@ from parrot_nb.demo import execute, output_text
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_quickstart_runs_top_to_bottom_on_smollm2_with_real_text_and_cache_hits() -> None:
-    nb = execute(REPO / "demos" / "quickstart.ipynb", timeout=600)
-    outputs = {
+
+@pytest.fixture(scope="module")
+def quickstart():
+    """The quickstart, executed once for the module (what `make demo` runs)."""
+    return execute(REPO / "demos" / "quickstart.ipynb", timeout=600)
+
+
+def _outputs(nb) -> dict[str, str]:
+    return {
         cell.source.splitlines()[0]: "\n".join(output_text(o) for o in cell.get("outputs", []))
         for cell in nb.cells
         if cell.cell_type == "code"
     }
+
+
+@pytest.mark.timeout(900)
+def test_quickstart_runs_top_to_bottom_on_smollm2_with_real_text_and_cache_hits(quickstart) -> None:
+    nb = quickstart
+    outputs = _outputs(nb)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert "engine server started" in outputs["%parrot start"] and "SmolLM2-135M-Instruct" in outputs["%parrot start"]
     assert "def " in outputs["print(code.get())  # already computed on the server, as tests' input"]
@@ -32,3 +43,18 @@ def test_quickstart_runs_top_to_bottom_on_smollm2_with_real_text_and_cache_hits(
     hits = re.search(r"(\d+)/(\d+) prompt tokens from cache", chain)
     assert hits and int(hits.group(1)) > 0  # write_tests reused write_code's system prompt
     assert "engine server stopped" in outputs["%parrot stop"]
+
+
+@pytest.mark.timeout(900)
+def test_the_widgets_show_text_in_a_terminal_and_pictures_in_the_html_copy(quickstart) -> None:
+    outputs = _outputs(quickstart)
+    # What a terminal shows (and `make demo` prints): the chain and the map-reduce, all done.
+    assert outputs["%parrot dag"] == "DAG of every application: 6 requests (6 done)"
+    assert re.search(r"^map-reduce +4 +4 +0 +0 +1 ", outputs["%parrot stats"], re.M)
+    from nbconvert import HTMLExporter
+
+    page, _ = HTMLExporter().from_notebook_node(quickstart)
+    # What the HTML copy shows: the DAG as SVG with its nodes, the stats as a table.
+    svg = next((s for s in re.findall(r"<svg.*?</svg>", page, re.S) if "DAG of every application" in s), "")
+    assert "combine" in svg and svg.count("#a5d6a7") == 1 + 12  # the legend's swatch, and 12 nodes drawn "done"
+    assert "<table class='parrot-nb-stats'>" in page and "<td>map-reduce</td>" in page

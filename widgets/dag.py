@@ -57,8 +57,10 @@ class DagWidget(anywidget.AnyWidget):
         self.client = client
         self.app = app
         self.collapse_at = collapse_at
+        self.interval = interval  # seconds between redraws, at least
         self.redraws = 0  # graph assignments sent to the front end
         self.layouts = 0  # layouts computed (only when the shape changed)
+        self.events = 0  # events received
         self._lock = threading.RLock()  # the model and the detail (I/O, timer and kernel threads)
         self._layout_lock = threading.Lock()  # the layout (timer thread, and a display on the kernel thread)
         self._model = DagModel(app)
@@ -86,6 +88,7 @@ class DagWidget(anywidget.AnyWidget):
     # ----------------------------------------------------------------- events (I/O thread)
 
     def _on_event(self, event: Message) -> None:
+        self.events += 1
         with self._lock:
             if self._early is not None:
                 self._early.append(event)

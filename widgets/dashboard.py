@@ -24,6 +24,7 @@ from parrot_nb.client import Client
 from widgets.stats_model import AppRow, StatsModel
 from widgets.throttle import Throttle
 
+PHASES = ("queueing", "time to first token", "rest of execution")
 COLUMNS = (
     ("application", "name"),
     ("requests", "requests"),
@@ -51,15 +52,21 @@ class StatsDashboard(ipywidgets.VBox):
         self._model = StatsModel()
         self._early: list[Message] | None = []
         self._table = ipywidgets.HTML()
-        self._latency = _figure("End-to-end latency of each .get (s)", "when it resolved", "seconds")
-        self._phases = _figure("Where a request's time goes (mean, s)", "application", "seconds")
-        self._phases.update_layout(barmode="stack")
-        for name in ("queueing", "time to first token", "rest of execution"):
-            self._phases.add_bar(name=name, x=[], y=[])
-        self._engines = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=("engine load (sequences)", "KV cache use (%)")))
-        self._engines.update_layout(height=260, margin={"t": 40, "b": 30, "l": 40, "r": 10})
-        super().__init__([ipywidgets.HTML("<b>parrot-nb: latency and prefix cache</b>"), self._table,
-                          ipywidgets.HBox([self._latency, self._phases]), self._engines])  # fmt: skip
+        # One figure with four panels: a figure per chart in an HBox draws blank when JupyterLab
+        # renders it off screen (a "Run All" past the visible cells), one full-width figure does not.
+        self._charts = go.FigureWidget(make_subplots(rows=2, cols=2, vertical_spacing=0.16, subplot_titles=(
+            "end-to-end latency of each .get (s)", "where a request's time goes (mean s)",
+            "engine load (sequences)", "KV cache use (%)",
+        )))  # fmt: skip
+        self._charts.update_layout(
+            height=600, barmode="stack", margin={"t": 40, "b": 30, "l": 50, "r": 10},
+            legend={"orientation": "h", "y": -0.12},
+        )  # fmt: skip
+        self._charts.update_yaxes(range=[0, 100], row=2, col=2)
+        for name in PHASES:
+            self._charts.add_bar(name=name, x=[], y=[], row=1, col=2)
+        super().__init__([ipywidgets.HTML("<b>parrot-nb: latency and prefix cache</b>"), self._table, self._charts])
+        self.add_class("parrot-nb-dashboard")
         self._throttle = Throttle(self._flush, interval)
         self._stop_listening = client.add_listener(self._on_event)
         try:
@@ -95,21 +102,29 @@ class StatsDashboard(ipywidgets.VBox):
             finished = {a.name: list(a.finished.values()) for a in self._model.apps.values()}
             loads = {e: sorted(series.values(), key=lambda r: r.t) for e, series in self._model.loads.items()}
         self._table.value = table_html(rows)
-        _series(self._latency, [(name, [_time(e.t) for e in es], [e.latency_s for e in es]) for name, es in gets.items() if es])
-        names = [name for name, fs in finished.items() if fs]
-        with self._phases.batch_update():
-            means = [[_avg([f.queue_s for f in finished[n]]) for n in names], [_avg([f.ttft_s for f in finished[n]]) for n in names],
-                     [_avg([max(0.0, f.exec_s - f.ttft_s) for f in finished[n]]) for n in names]]  # fmt: skip
-            for bar, ys in zip(self._phases.data, means):
-                bar.x, bar.y = names, ys
-        lines = []
+        lines = [(f"{name} .get", [_time(e.t) for e in es], [e.latency_s for e in es], (1, 1)) for name, es in gets.items() if es]
         for engine, reports in loads.items():
             t = [_time(r.t) for r in reports]
-            lines.append((f"engine {engine} running", t, [r.running for r in reports], 1))
-            lines.append((f"engine {engine} waiting", t, [r.waiting for r in reports], 1))
+            lines.append((f"engine {engine} running", t, [r.running for r in reports], (2, 1)))
+            lines.append((f"engine {engine} waiting", t, [r.waiting for r in reports], (2, 1)))
             kv = [100 * r.kv_blocks_used / r.kv_blocks_total if r.kv_blocks_total else 0 for r in reports]
-            lines.append((f"engine {engine} KV used", t, kv, 2))
-        _series(self._engines, [line[:3] for line in lines], cols=[line[3] for line in lines])
+            lines.append((f"engine {engine} KV used", t, kv, (2, 2)))
+        names = [name for name, fs in finished.items() if fs]
+        phases = [
+            [_avg([f.queue_s for f in finished[n]]) for n in names],
+            [_avg([f.ttft_s for f in finished[n]]) for n in names],
+            [_avg([max(0.0, f.exec_s - f.ttft_s) for f in finished[n]]) for n in names],
+        ]
+        traces = {trace.name: trace for trace in self._charts.data}
+        for name, xs, ys, (row, col) in lines:
+            if name not in traces:  # a new application or engine gets its line
+                self._charts.add_scatter(name=name, x=xs, y=ys, mode="lines+markers", row=row, col=col)
+        with self._charts.batch_update():  # one message for every change
+            for name, xs, ys, _ in lines:
+                if name in traces:
+                    traces[name].x, traces[name].y = xs, ys
+            for phase, ys in zip(PHASES, phases):
+                traces[phase].x, traces[phase].y = names, ys
         self.redraws += 1
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
@@ -122,7 +137,7 @@ class StatsDashboard(ipywidgets.VBox):
     def close(self) -> None:
         self._stop_listening()
         self._throttle.cancel()
-        for child in (self._table, self._latency, self._phases, self._engines):
+        for child in (self._table, self._charts):
             child.close()
         super().close()
 
@@ -167,27 +182,6 @@ def table_text(rows: list[AppRow]) -> str:
 
 
 # --------------------------------------------------------------------------- charts
-
-
-def _figure(title: str, x: str, y: str) -> go.FigureWidget:
-    fig = go.FigureWidget()
-    fig.update_layout(title=title, height=300, width=480, margin={"t": 40, "b": 40, "l": 50, "r": 10})
-    fig.update_xaxes(title_text=x)
-    fig.update_yaxes(title_text=y)
-    return fig
-
-
-def _series(fig: go.FigureWidget, lines: list[tuple[str, list, list]], cols: list[int] | None = None) -> None:
-    """Make ``fig``'s scatter traces these named lines: new names get a trace, the rest are updated at once."""
-    traces = {trace.name: trace for trace in fig.data}
-    for i, (name, xs, ys) in enumerate(lines):
-        if name not in traces:
-            where = {"row": 1, "col": cols[i]} if cols else {}
-            fig.add_scatter(name=name, x=xs, y=ys, mode="lines+markers", **where)
-    with fig.batch_update():
-        for name, xs, ys in lines:
-            if name in traces:
-                traces[name].x, traces[name].y = xs, ys
 
 
 def _time(t: float) -> datetime.datetime:
