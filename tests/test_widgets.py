@@ -104,3 +104,14 @@ def test_the_svg_draws_each_node_in_its_states_colour_with_its_label() -> None:
     assert len(re.findall(rf"fill='{COLORS['done']}'", svg)) == 1 + 6  # the legend, 3 requests and 3 variables
     assert svg.count(">summarize</text>") == 2 and svg.count(">combine</text>") == 1
     assert svg.count("marker-end='url(#arrow)'") == len(view.edges)
+
+
+def test_parrot_usage_names_the_widget_commands(ipython_shell, capsys) -> None:
+    ipython_shell.run_line_magic("parrot", "help")
+    usage = capsys.readouterr().out
+    assert "%parrot dag [APP]" in usage and "%parrot stats" in usage
+
+
+def test_parrot_dag_takes_at_most_one_application(ipython_shell) -> None:
+    with pytest.raises(ValueError, match=r"usage: %parrot dag \[APP\]"):
+        ipython_shell.run_line_magic("parrot", "dag one two")
