@@ -76,7 +76,13 @@ final.get(timeout=60)
 
 
 def test_a_click_shows_the_requests_filled_prompt_and_output(kernel: KernelFrontend) -> None:
-    comm_id = _open_dag(kernel, "mr-shape", "dag2")  # opened late: drawn from the server's history
+    kernel.run('''
+with parrot_nb.app("click"):
+    parts = [summarize(report=f"report {i}") for i in range(3)]
+    final = combine(s1=parts[0], s2=parts[1], s3=parts[2])
+final.get(timeout=60)
+''')
+    comm_id = _open_dag(kernel, "click", "dag2")  # opened after the run: drawn from the server's history
     final = kernel.value("final.id")
     value = kernel.value("final.get()")
     kernel.send_to_widget(comm_id, {"event": "click", "node": f"v:{final}"})

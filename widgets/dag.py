@@ -156,7 +156,7 @@ class DagWidget(anywidget.AnyWidget):
             if self._detail.get("request_id") != request_id:
                 return  # another node was clicked meanwhile
             if isinstance(reply, RequestDetail):
-                self._detail = {k: v for k, v in dataclasses.asdict(reply).items()}
+                self._detail = dataclasses.asdict(reply)
             else:
                 self._detail = self._local_detail(request_id, problem)
         self._throttle.poke()

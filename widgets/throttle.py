@@ -28,7 +28,6 @@ class Throttle:
         self._flushing = threading.Lock()
         self._timer: threading.Timer | None = None
         self._last = 0.0
-        self.flushes = 0  # how many times flush ran
 
     def poke(self) -> None:
         """Something changed: flush now if the last flush is ``interval`` old, else when it is."""
@@ -44,7 +43,6 @@ class Throttle:
         with self._flushing:  # one flush at a time, even if the last one ran long (a large layout)
             with self._lock:
                 self._timer = None
-            self.flushes += 1
             try:
                 self._context.copy().run(self._flush)
             finally:

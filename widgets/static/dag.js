@@ -112,7 +112,7 @@ function drawDetail(model, panel) {
   panel.append(html("div", "parrot-dag-detail-title", `${d.function || "request"} · ${d.state || ""}`));
   const facts = [];
   if (d.engine_id !== undefined && d.engine_id >= 0) facts.push(`engine ${d.engine_id}`);
-  if (d.perf) facts.push(d.perf);
+  if (d.perf) facts.push(`${d.perf}-critical`);
   if (d.queue_s) facts.push(`queued ${seconds(d.queue_s)}`);
   if (d.prefill_s) facts.push(`prefill ${seconds(d.prefill_s)}`);
   if (d.decode_s) facts.push(`decode ${seconds(d.decode_s)}`);
