@@ -114,6 +114,29 @@ out.cancel()
     assert request["label"] == "slow" and request["state"] == "cancelled"
 
 
+def test_a_clicked_running_requests_output_streams_into_the_detail(kernel: KernelFrontend) -> None:
+    comm_id = _open_dag(kernel, "stream")
+    kernel.run('''
+long = parrot_nb.SemanticFunction.from_template("long", "Go: {{output:o}}", max_tokens=3000, ignore_eos=True)
+with parrot_nb.app("stream"):
+    running = long()
+running.activate()
+deadline = time.monotonic() + 30
+while running.state != "running" and time.monotonic() < deadline:
+    time.sleep(0.02)
+''')
+    var_id = kernel.value("running.id")
+    kernel.send_to_widget(comm_id, {"event": "click", "node": f"v:{var_id}"})
+    shown = lambda: kernel.models[comm_id]["detail"].get("outputs", {}).get("o", "")  # noqa: E731
+    kernel.wait_until(lambda: len(shown()) > 0, "the first output in the detail")
+    first = shown()
+    kernel.wait_until(lambda: len(shown()) > len(first) + 20, "more output to stream in")
+    later, state = shown(), kernel.models[comm_id]["detail"]["state"]
+    kernel.run("running.cancel()")
+    assert state == "running"
+    assert later.startswith(first)  # appended to, never rewritten
+
+
 def test_updates_from_the_io_thread_carry_the_header_of_the_cell_that_made_the_widget(kernel: KernelFrontend) -> None:
     comm_id = _open_dag(kernel, "parent-check")
     kernel.run('with parrot_nb.app("parent-check"):\n    x = summarize(report="one")\nx.get(timeout=60)')
