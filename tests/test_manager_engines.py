@@ -218,7 +218,8 @@ def test_a_latency_critical_request_goes_to_the_engine_with_less_throughput_work
 
 
 def test_a_flooding_application_does_not_starve_another(two_engines: ServerProcess) -> None:
-    flood_fn = SemanticFunction.from_template("flood_req", "Flood {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
+    # Long enough that the flood is still waiting for slots when the quiet application arrives.
+    flood_fn = SemanticFunction.from_template("flood_req", "Flood {{input:i}}: {{output:o}}", max_tokens=200, ignore_eos=True)
     quiet_fn = SemanticFunction.from_template("quiet_req", "Quiet {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
     with parrot_nb.app("flood"):
         flood = [flood_fn(i=str(i)) for i in range(80)]
@@ -228,14 +229,24 @@ def test_a_flooding_application_does_not_starve_another(two_engines: ServerProce
         quiet = [quiet_fn(i=str(i)) for i in range(3)]
         for v in quiet:
             v.activate("throughput")
-    for v in quiet + flood:
+    for v in quiet:
         v.get(timeout=300)
+    for v in flood:
+        v.cancel()  # what the flood generates does not matter here
 
-    order = [e["request_id"] for e in _dispatches(two_engines)]
-    flood_ids, quiet_ids = _queued(two_engines, "flood_req"), _queued(two_engines, "quiet_req")
-    last_quiet = max(order.index(r) for r in quiet_ids)
-    # The quiet app did not wait for the flood, which was queued before it, to drain.
-    assert any(order.index(r) > last_quiet for r in flood_ids)
+    events = two_engines.events()
+    flood_ids = set(_queued(two_engines, "flood_req"))
+    for quiet_id in _queued(two_engines, "quiet_req"):
+        queued_at = next(i for i, e in enumerate(events) if e["type"] == "RequestQueued" and e["request_id"] == quiet_id)
+        dispatched_at = next(i for i, e in enumerate(events) if e["type"] == "RequestDispatched" and e["request_id"] == quiet_id)
+        before = events[:queued_at]
+        waiting = {e["request_id"] for e in before if e["type"] == "RequestQueued" and e["request_id"] in flood_ids} - {
+            e["request_id"] for e in before if e["type"] == "RequestDispatched"
+        }
+        assert waiting, "the flood had no request waiting when the quiet application arrived"
+        # The flood was queued first, yet no flood request took a slot while this one waited.
+        jumped = [e for e in events[queued_at:dispatched_at] if e["type"] == "RequestDispatched" and e["request_id"] in flood_ids]
+        assert not jumped
 
 
 # ---------------------------------------------------------------- an engine that keeps dying
