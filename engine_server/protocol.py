@@ -713,7 +713,7 @@ class EngineLoad(Message):
     cached_keys: int
     dispatched: int  # requests the manager has on it
     t: float
-    kv_blocks_cached: int = 0  # of kv_blocks_used, blocks held by cached contexts
+    kv_blocks_cached: int = 0  # of kv_blocks_used, blocks only cached contexts hold (freed by eviction)
 
 
 # --------------------------------------------------------------------------- #
@@ -784,7 +784,7 @@ class WorkerLoad(Message):
     kv_blocks_total: int
     cached_keys: int = 0  # contexts held in the engine's cache
     evicted_keys: list[str] = field(default_factory=list)  # context keys dropped since the last report
-    kv_blocks_cached: int = 0  # of kv_blocks_used, blocks that cached contexts hold (idle: all of them)
+    kv_blocks_cached: int = 0  # of kv_blocks_used, blocks only cached contexts hold (idle: all of them)
 
 
 @dataclass

@@ -166,6 +166,18 @@ def test_every_block_returns_to_the_pool_after_random_forks_aborts_and_releases(
     assert_pool_whole(engine)
 
 
+def test_cached_blocks_counts_only_blocks_eviction_would_free(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    engine.run([TextSegment(SYSTEM, "sys"), gen(2)])
+    idle = engine.cached_blocks()
+    assert idle == engine.pool.num_used > 0  # idle: every used block is the cache's alone
+    engine.add("r", [TextSegment(SYSTEM, "sys"), TextSegment(" and more"), gen(40)])
+    engine.step()  # it forks the cached system prompt: those blocks are in use now
+    assert engine.cached_blocks() < idle
+    drain(engine)
+    assert engine.cached_blocks() == engine.pool.num_used
+
+
 def test_released_contexts_stay_forkable_but_are_evicted_first(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64))
     engine.run([TextSegment(SYSTEM, "kept"), gen(2)])

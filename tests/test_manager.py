@@ -333,6 +333,19 @@ def test_an_engine_whose_kv_pool_is_full_gets_no_more_work() -> None:
     assert {m.engine_of(f"more{i}") for i in range(3)} == {1}
 
 
+def test_blocks_only_cached_contexts_hold_count_as_room_on_a_full_pool() -> None:
+    m = Manager(engines=2, capacity=8)
+    m.executor.activate(m.call("a"), "latency")
+    m.executor.activate(m.call("b", app=m.open_app("b")), "latency")
+    # Engine 0's pool is full, but 95 of its blocks are cached contexts nobody runs on: it evicts
+    # them for new work, so it still takes the requests its application pulls to it.
+    m.executor.on_engine_load(WorkerLoad(0, 1, 0, 99, 100, 0, kv_blocks_cached=95))
+    m.executor.on_engine_load(WorkerLoad(1, 1, 0, 0, 100, 0))
+    for i in range(3):
+        m.executor.activate(m.call(f"more{i}"), "latency")
+    assert {m.engine_of(f"more{i}") for i in range(3)} == {0}
+
+
 # ---------------------------------------------------------------- fairness
 
 

@@ -371,8 +371,14 @@ class Engine:
         }
 
     def cached_blocks(self) -> int:
-        """Blocks the context cache holds: when nothing runs, every used block must be one of these."""
-        return len({b for ctx in self.cache.contexts.values() for b in ctx.blocks})
+        """Blocks that only the context cache holds: evicting would free them, so they are room for new
+        work. (When nothing runs, every used block must be one of these.)"""
+        held: dict[int, int] = {}
+        for ctx in self.cache.contexts.values():
+            for b in ctx.blocks:
+                held[b] = held.get(b, 0) + 1
+        refcount = self.pool.refcount
+        return sum(1 for b, n in held.items() if refcount[b] == n)
 
     def run(self, segments: Sequence[Segment], on_delta: Callable[[str, str], None] | None = None) -> RunResult:
         """Run one program to completion (other queued requests progress too)."""

@@ -195,7 +195,7 @@ class Executor:
         """An engine's load report: keep it for placement, forget the contexts it evicted, publish it."""
         self.scheduler.engine_load(
             load.engine_id, load.running, load.waiting, load.kv_blocks_used, load.kv_blocks_total,
-            load.cached_keys, load.evicted_keys,
+            load.cached_keys, load.evicted_keys, reclaimable=load.kv_blocks_cached,
         )  # fmt: skip
         slot = self.scheduler.engines[load.engine_id]
         self.publish(

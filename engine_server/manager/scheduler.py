@@ -17,7 +17,8 @@ members only up to ``capacity - reserve`` so that a latency-critical request
 always finds a slot instead of waiting behind a throughput batch; and only
 while its KV pool has room for the prompt and outputs (estimated, in bytes as
 an upper bound of tokens, minus what the engine holds cached), unless it is
-idle. Among engines with room the best is, in order: the one holding the
+idle. Blocks that only cached contexts hold count as room: the engine evicts
+them when new work needs them. Among engines with room the best is, in order: the one holding the
 longest cached prefix of the prompt, the one running the request's task group,
 the one running the request's application (co-location), for latency-critical
 work the one with the fewest throughput requests, then the least loaded.
@@ -61,6 +62,7 @@ class EngineSlot:
     # From the engine's last WorkerLoad (zeros until it sends one: no KV check then).
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_reclaimable: int = 0  # of those, blocks only cached contexts hold: evicted to make room
     block_size: int = 0
     engine_running: int = 0
     engine_waiting: int = 0
@@ -133,11 +135,15 @@ class Scheduler:
         slot.keys.clear()
 
     def engine_load(
-        self, engine_id: int, running: int, waiting: int, used: int, total: int, cached: int, evicted: list[str]
+        self, engine_id: int, running: int, waiting: int, used: int, total: int, cached: int, evicted: list[str],
+        reclaimable: int = 0,
     ) -> None:
+        """An engine's report. ``reclaimable``: of ``used``, blocks only its context cache holds, which it
+        evicts when new work needs room, so they do not count against the KV check."""
         slot = self.engines[engine_id]
         slot.engine_running, slot.engine_waiting, slot.cached_keys = running, waiting, cached
         slot.kv_blocks_used, slot.kv_blocks_total, slot.kv_reserved = used, total, 0
+        slot.kv_blocks_reclaimable = reclaimable
         slot.keys.difference_update(evicted)
 
     def engine_lost(self, engine_id: int) -> list[str]:
@@ -148,7 +154,7 @@ class Scheduler:
             self.finish(request_id, engine_id, count=False)
         slot.alive = False
         slot.keys.clear()
-        slot.kv_blocks_used = slot.kv_reserved = slot.engine_running = slot.engine_waiting = 0
+        slot.kv_blocks_used = slot.kv_blocks_reclaimable = slot.kv_reserved = slot.engine_running = slot.engine_waiting = 0
         return lost
 
     def finish(self, request_id: str, engine_id: int, count: bool = True) -> None:
@@ -321,7 +327,8 @@ class Scheduler:
                 continue
             cached = max((n for k, n in node.prefix.items() if k in slot.keys), default=0)
             if slot.kv_blocks_total and slot.running:
-                if slot.kv_blocks_used + slot.kv_reserved + self._blocks(node, slot, cached) > slot.kv_blocks_total:
+                committed = slot.kv_blocks_used - slot.kv_blocks_reclaimable + slot.kv_reserved
+                if committed + self._blocks(node, slot, cached) > slot.kv_blocks_total:
                     continue
             score = (
                 cached if cached >= PREFIX_AFFINITY_MIN_BYTES else 0,
