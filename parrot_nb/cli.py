@@ -93,7 +93,11 @@ def _export(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"parrot-nb export: {exc}", file=sys.stderr)
         return 1
-    output.write_text(source)
+    try:
+        output.write_text(source)
+    except OSError as exc:
+        print(f"parrot-nb export: cannot write {output}: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {output}")
     return 0
 

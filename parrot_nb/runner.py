@@ -26,7 +26,7 @@ from typing import Any
 from engine_server.protocol import Message, RequestFinished
 from parrot_nb import session
 from parrot_nb.app import app
-from parrot_nb.pipeline import ENTRY_POINT, Pipeline, load
+from parrot_nb.pipeline import ENTRY_POINT, Pipeline, load, release
 from parrot_nb.results import ResultsFile
 from parrot_nb.variable import SemanticVariable
 
@@ -88,8 +88,9 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[Record]:
 
 
 def count_records(path: str | os.PathLike[str]) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+    """How many records ``read_records`` yields (it counts the same non-blank lines)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for text in f if text.strip())
 
 
 class _Stats:
@@ -130,6 +131,7 @@ def run_pipeline(
     client = session.require_client()
     if not isinstance(pipeline, Pipeline):
         pipeline = load(pipeline, params)
+        release()  # the server is the caller's: afterwards the module behaves as a plain import
     header = {
         "pipeline": pipeline.path.name,
         "fingerprint": pipeline.fingerprint,
@@ -312,4 +314,4 @@ def _progress_bar(name: str, total: int, done: int, *, enabled: bool) -> Any:
 def _show_stats(bar: Any, failed: int, stats: _Stats, elapsed: float) -> None:
     rate = stats.output_tokens / elapsed if elapsed > 0 else 0.0
     hits = f"{stats.cached_tokens / stats.prompt_tokens:.0%}" if stats.prompt_tokens else "-"
-    bar.set_postfix_str(f"failed={failed} tok/s={rate:.0f} cache={hits}", refresh=False)
+    bar.set_postfix_str(f"failed={failed} tok/s={rate:.0f} cache={hits}")
