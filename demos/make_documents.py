@@ -2,8 +2,8 @@
 
     python demos/make_documents.py -n 200 -o demos/documents.jsonl
 
-Seeded: the same -n and --seed give the same file. Each line is {"id": "doc-0001", "document": "..."};
-a document has six to nine sentences, so it splits into three parts of two or three sentences.
+Seeded: the same arguments give the same file. Each line is {"id": "doc-0001", "document": "..."};
+a document has six to nine sentences (--sentences), so it splits into three parts of two or three.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ WORDS = {
 }
 
 
-def document(rng: random.Random) -> str:
+def document(rng: random.Random, sentences: tuple[int, int] = (6, 9)) -> str:
     company = rng.choice(COMPANIES)
-    picks = rng.sample(SENTENCES, rng.randint(6, 9))
+    picks = rng.sample(SENTENCES, rng.randint(*sentences))
     return " ".join(
         s.format(
             company=company,
@@ -58,10 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20, help="how many documents (default 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sentences", type=int, nargs=2, default=(6, 9), metavar=("MIN", "MAX"),
+        help=f"sentences per document, at least 3 (one per part) and at most {len(SENTENCES)} (default 6 9)",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", default="-", help="the JSONL file to write (default: stdout)")
     args = parser.parse_args(argv)
+    low, high = args.sentences
+    if not 3 <= low <= high <= len(SENTENCES):
+        parser.error(f"--sentences {low} {high}: need 3 <= MIN <= MAX <= {len(SENTENCES)}")
     rng = random.Random(args.seed)
-    lines = [json.dumps({"id": f"doc-{i:04d}", "document": document(rng)}) for i in range(1, args.n + 1)]
+    lines = [json.dumps({"id": f"doc-{i:04d}", "document": document(rng, (low, high))}) for i in range(1, args.n + 1)]
     text = "\n".join(lines) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
