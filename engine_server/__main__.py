@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.engines is None:
-        args.engines = len(visible_gpus()) if args.device == "cuda" else 1
+        # One engine per visible GPU; with none, one engine that says why it cannot start.
+        args.engines = max(len(visible_gpus()), 1) if args.device == "cuda" else 1
     if args.engines < 1:
         print("parrot-nb serve: --engines must be at least 1", file=sys.stderr)
         return 2

@@ -76,6 +76,10 @@ class Message:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__name__ in _REGISTRY:
+            # A message's name is its type on the wire: a second class of the same name would
+            # silently take the first one's place in decode.
+            raise TypeError(f"message type {cls.__name__!r} is already defined ({_REGISTRY[cls.__name__].__module__})")
         cls.TYPE = cls.__name__
         _REGISTRY[cls.__name__] = cls
 
@@ -255,6 +259,14 @@ class AppInfo:
     closed: bool = False
 
 
+@dataclass
+class InputLink:
+    """An input of a call that reads a variable: the variable and the request that produces it."""
+
+    var_id: str
+    producer: str  # the producing request's id
+
+
 # --------------------------------------------------------------------------- #
 # Client -> server requests (ROUTER "requests" socket); each gets one reply
 # --------------------------------------------------------------------------- #
@@ -356,6 +368,24 @@ class Status(Message):
 
 
 @dataclass
+class GetHistory(Message):
+    """Ask for the past events that pictures draw (the reply is ``History``).
+
+    A widget opened late, or in another notebook, draws the present from them and then
+    follows live events. ``app_name`` "" means every application.
+    """
+
+    app_name: str = ""
+
+
+@dataclass
+class GetRequestDetail(Message):
+    """Ask for one request's detail (the reply is ``RequestDetail``): filled prompt, output so far, timings."""
+
+    request_id: str
+
+
+@dataclass
 class Shutdown(Message):
     """Stop the server (after replying)."""
 
@@ -427,11 +457,76 @@ class ServerStatus(Message):
     unfinished: int = 0  # requests not yet done, failed or cancelled
 
 
+@dataclass
+class RequestDetail(Message):
+    """One request as the server holds it now (the reply to ``GetRequestDetail``).
+
+    ``prompt`` is the filled prompt: template text and input values, with each output as
+    ``{{output:name}}`` and each input not computed yet as ``{{input:name}}`` (a chat
+    function's prompt is rendered with the model's chat template once the request is
+    queued). ``outputs`` holds each output's text so far, all of it once done. Times
+    are seconds: ``queue_s`` until dispatched, then the engine's ``prefill_s``,
+    ``decode_s`` and ``ttft_s``; ``exec_s`` from dispatch to the end.
+    """
+
+    app_id: str
+    request_id: str
+    function: str
+    state: str  # waiting | queued | running | done | failed | cancelled
+    prompt: str
+    outputs: dict[str, str]  # output name -> text so far
+    engine_id: int = -1  # -1 before it is dispatched
+    perf: str = ""
+    group: str = ""
+    attempts: int = 0
+    queue_s: float = 0.0
+    exec_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class History(Message):
+    """The reply to ``GetHistory``: past events by type; ``ordered()`` merges them as they happened.
+
+    Bounded (see engine_server/history.py): the lifecycle events of the requests the server
+    still holds, the latest finished requests and activations of each application, its
+    latest ``AppStats``, and the latest load reports of each engine. An application the
+    server has forgotten (closed, and its requests freed) is gone from it.
+    """
+
+    submitted: list[RequestSubmitted] = field(default_factory=list)
+    queued: list[RequestQueued] = field(default_factory=list)
+    dispatched: list[RequestDispatched] = field(default_factory=list)
+    first_tokens: list[RequestFirstToken] = field(default_factory=list)
+    finished: list[RequestFinished] = field(default_factory=list)
+    failed: list[RequestFailed] = field(default_factory=list)
+    cancelled: list[RequestCancelled] = field(default_factory=list)
+    activations: list[ActivationDone] = field(default_factory=list)
+    app_stats: list[AppStats] = field(default_factory=list)
+    app_closed: list[AppClosed] = field(default_factory=list)
+    engines: list[EngineChanged] = field(default_factory=list)
+    loads: list[EngineLoad] = field(default_factory=list)
+
+    def ordered(self) -> list[Message]:
+        """Every event, oldest first; of events stamped alike, a request's earlier step first."""
+        steps = [f.name for f in dataclasses.fields(self)]
+        events = [(e.t, rank, e) for rank, name in enumerate(steps) for e in getattr(self, name)]  # type: ignore[attr-defined]
+        events.sort(key=lambda item: item[:2])
+        return [e for _, _, e in events]
+
+
 # --------------------------------------------------------------------------- #
 # Events (PUB socket); topic is "app.<app_id>" or "server"
 #
 # One schema for notebooks, widgets and tools (docs/ARCHITECTURE.md, "Events").
-# Per request: RequestQueued -> RequestDispatched -> RequestFirstToken ->
+# Per request: RequestSubmitted, then once requested RequestQueued ->
+# RequestDispatched -> RequestFirstToken ->
 # RequestFinished | RequestFailed | RequestCancelled (a retry after an engine
 # crash is queued and dispatched again). Per variable: TokenDelta, VarReady |
 # VarFailed, and ActivationDone for a requested one. Per application: AppStats,
@@ -445,6 +540,19 @@ class ServerStatus(Message):
 @dataclass
 class EventsSynced(Message):
     token: str
+
+
+@dataclass
+class RequestSubmitted(Message):
+    """A call joined its application's DAG: the shape that pictures draw."""
+
+    app_id: str
+    request_id: str
+    function: str
+    inputs: dict[str, InputLink]  # the inputs that read variables, by input name (text inputs are left out)
+    outputs: dict[str, str]  # output name -> variable id
+    t: float
+    app_name: str = ""
 
 
 @dataclass

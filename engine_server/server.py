@@ -34,6 +34,7 @@ from typing import IO, Any
 import zmq
 
 from engine_server import __version__
+from engine_server.history import EventHistory
 from engine_server.keys import CurveKeys, KeysError, load_keys
 from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
@@ -58,6 +59,8 @@ from engine_server.protocol import (
     ErrorReply,
     EventsSynced,
     Forget,
+    GetHistory,
+    GetRequestDetail,
     Goodbye,
     Heartbeat,
     Hello,
@@ -174,6 +177,7 @@ class EngineServer:
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
         self.executor = Executor(self.graph, self.scheduler, self.publish, self.send_to_engine)
+        self.history = EventHistory()  # what widgets opened late draw from (GetHistory)
         self.engines: dict[int, EngineProcess] = {}
         self.connection_file: Path | None = None
         self._event_log: IO[str] | None = None
@@ -193,6 +197,8 @@ class EngineServer:
             Heartbeat: self._on_heartbeat,
             Goodbye: self._on_goodbye,
             Status: self._on_status,
+            GetHistory: self._on_get_history,
+            GetRequestDetail: self._on_get_request_detail,
             Shutdown: self._on_shutdown,
         }
 
@@ -318,8 +324,11 @@ class EngineServer:
     def publish(self, event: Message) -> None:
         app_id = getattr(event, "app_id", None)
         topic = f"app.{app_id}" if app_id else "server"
-        self._send_frames(self.events, [topic.encode()], event)
+        # Logged and kept first: whoever reads the log, or asks for the history, after seeing
+        # the event finds it there.
         self._log("event", event)
+        self.history.record(event)
+        self._send_frames(self.events, [topic.encode()], event)
 
     def send_to_engine(self, engine_id: int, msg: Message) -> None:
         proc = self.engines[engine_id]
@@ -468,7 +477,8 @@ class EngineServer:
         if owner is not None and not self.clients and not pid_alive(owner):
             log.info("the process that started this server (pid %d) has exited and no client is left: stopping", owner)
             self._running = False
-        self.executor.collect()
+        if self.executor.collect():
+            self.history.retain(self.graph.requests, self.graph.apps)
 
     def _on_status(self, msg: Status) -> Message:
         engines = []
@@ -503,6 +513,12 @@ class EngineServer:
             unfinished=self.graph.unfinished,
         )
 
+    def _on_get_history(self, msg: GetHistory) -> Message:
+        return self.history.reply(msg.app_name)
+
+    def _on_get_request_detail(self, msg: GetRequestDetail) -> Message:
+        return self.executor.detail(msg.request_id)
+
     def _on_shutdown(self, msg: Shutdown) -> Message:
         self._running = False
         return Ack()
@@ -523,8 +539,10 @@ class EngineServer:
         env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
         if self.config.device == "cuda":
             # One engine per GPU, round robin when there are more engines than GPUs (for testing).
+            # With none visible (CUDA_VISIBLE_DEVICES set empty) the engine sees none either, and
+            # its start fails saying so, rather than taking a GPU the user hid.
             gpus = visible_gpus()
-            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)] if gpus else ""
         return subprocess.Popen(cmd, env=env)
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
@@ -610,11 +628,12 @@ def is_loopback(ip: str) -> bool:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs engines may use, without importing torch: CUDA_VISIBLE_DEVICES, else the driver's list."""
+    """The GPUs engines may use, without importing torch: CUDA_VISIBLE_DEVICES (set but empty: none),
+    else the driver's list."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [g.strip() for g in visible.split(",") if g.strip()]
     else:
         driver = Path("/proc/driver/nvidia/gpus")
         ids = [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
-    return ids or ["0"]
+    return ids

@@ -32,8 +32,24 @@ __all__ = [
     "semantic_function",
     "start",
     "status",
+    "show_dag",
+    "show_stats",
     "stop",
 ]
+
+
+def show_dag(app: str | None = None) -> Any:
+    """A live widget of the DAG of application ``app`` (every application when None); see ``widgets.DagWidget``."""
+    from widgets.dag import show_dag as show
+
+    return show(app)
+
+
+def show_stats() -> Any:
+    """A live dashboard of latency, prefix-cache hits and engine load; see ``widgets.StatsDashboard``."""
+    from widgets.dashboard import show_stats as show
+
+    return show()
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -28,9 +28,12 @@ def execute(path: Path, timeout: int = 600, kernel_name: str = KERNEL_NAME):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    # No widget state in the executed notebook: its HTML copy then shows the widgets' static pictures
+    # (the DAG's SVG, the stats table) rather than widget views that need a widget manager from a CDN.
     client = NotebookClient(
-        nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}}
-    )
+        nb, timeout=timeout, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}},
+        store_widget_state=False,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="parrot-nb-demo-") as run_dir:
         try:
             client.execute(env={**os.environ, "JUPYTER_RUNTIME_DIR": run_dir})

@@ -23,6 +23,10 @@ PARROT_USAGE = """\
 %parrot connect [CONNECTION_FILE]
                           attach to a running server (default: the newest one)
 %parrot status            show the server's engines and applications
+%parrot dag [APP]         a live widget of the DAG of application APP (default: every application);
+                          click a node for its prompt, output and timings
+%parrot stats             a live dashboard: latency of each .get, queueing vs execution, time to first
+                          token, prefix-cache hits, tokens/s per application; load and KV use per engine
 %parrot stop              stop the server and disconnect
 %parrot disconnect        disconnect, leaving the server running"""
 
@@ -70,6 +74,18 @@ class ParrotMagics(Magics):
             return None
         if command == "status":
             return _Status(session.format_status(session.status()))
+        if command == "dag":
+            if len(rest) > 1:
+                raise ValueError("usage: %parrot dag [APP]")
+            from widgets.dag import show_dag
+
+            return show_dag(rest[0] if rest else None)
+        if command == "stats":
+            if rest:
+                raise ValueError("usage: %parrot stats")
+            from widgets.dashboard import show_stats
+
+            return show_stats()
         if command == "stop":
             session.stop()
             print("engine server stopped")

@@ -191,11 +191,15 @@ def stop(timeout: float = 15.0) -> None:
     client = require_client()
     pid = client.info.pid
     ours = _server if _server is not None and _server.pid == pid else None
+    # What variables still waiting fail with: the server is going, so there is nobody to say goodbye to.
+    stopped = f"the engine server (pid {pid}) was stopped before this finished; start one with `%parrot start`"
     try:
         client.call(Shutdown(), timeout=timeout)
+        client.gone = stopped
     except TimeoutError:
         if ours is None:
             raise
+        client.gone = stopped
     finally:
         client.close()
         _client = None

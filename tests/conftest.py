@@ -56,9 +56,13 @@ class ServerProcess:
         return Client(self.info)
 
     def events(self) -> list[dict]:
+        """The server's event log so far. The server appends while this reads, so a last line
+        without its newline is still being written: it is left for the next read."""
         import json
 
-        return [json.loads(line) for line in self.event_log.read_text().splitlines()]
+        text = self.event_log.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines()]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -98,6 +102,21 @@ def connected(shared_server: ServerProcess) -> Iterator[ServerProcess]:
         yield shared_server
     finally:
         parrot_nb.disconnect()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test that used an engine server shows the end of that server's log."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for server in {id(v): v for v in getattr(item, "funcargs", {}).values() if isinstance(v, ServerProcess)}.values():
+        try:
+            tail = server.log.read_text(errors="replace")[-8000:]
+        except OSError as exc:
+            tail = f"(cannot read it: {exc})"
+        report.sections.append((f"engine server log {server.log}", tail))
 
 
 def _processes_of_this_run() -> dict[int, str]:

@@ -139,7 +139,7 @@ def test_pool_pressure_evicts_then_preempts_and_outputs_stay_exact(model, tok):
 def test_every_block_returns_to_the_pool_after_random_forks_aborts_and_releases(model, tok):
     rng = random.Random(7)
     engine = Engine(model, tok, EngineConfig(num_blocks=40, token_budget=40, max_running=5))
-    live = []
+    added, ended, aborted = [], set(), set()
     for i in range(40):
         parts = [TextSegment(SYSTEM[: rng.randrange(10, len(SYSTEM))], f"s{rng.randrange(3)}")]
         if rng.random() < 0.7:
@@ -148,15 +148,21 @@ def test_every_block_returns_to_the_pool_after_random_forks_aborts_and_releases(
         if rng.random() < 0.3:
             parts += [TextSegment(" then"), GenSegment("b", SamplingParams(max_tokens=3, ignore_eos=True))]
         engine.add(f"r{i}", parts)
-        live.append(f"r{i}")
+        added.append(f"r{i}")
         for _ in range(rng.randrange(4)):
-            engine.step()
+            ended |= {ev.request_id for ev in engine.step() if isinstance(ev, (Finished, Failed))}
         if rng.random() < 0.2:
-            assert engine.abort(live.pop(rng.randrange(len(live)))) in (True, False)
+            victim = rng.choice(added)
+            # True exactly for a request still queued or running; one that ended or was aborted is gone.
+            assert engine.abort(victim) == (victim not in ended and victim not in aborted)
+            aborted.add(victim)
         if rng.random() < 0.2:
             engine.release_contexts([f"s{rng.randrange(3)}", f"d{rng.randrange(6)}"])
-    drain(engine)
+    assert aborted - ended, "the seed aborted no live request: pick another"
+    results, events = drain(engine)
     assert not engine.running and not engine.waiting
+    assert not {ev.request_id for ev in events} & (aborted - ended)  # an aborted request says nothing more
+    assert set(results) | ended | aborted == set(added)  # every other request finished
     assert_pool_whole(engine)
 
 

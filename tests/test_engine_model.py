@@ -76,7 +76,8 @@ def test_build_leaves_global_rng_alone():
 def test_weights_follow_init_scheme(model):
     assert torch.equal(model.norm.weight, torch.ones(128))
     assert torch.equal(model.layers[0].input_layernorm.weight, torch.ones(128))
-    assert 0.015 < model.lm_head.weight.std().item() < 0.025
+    assert 0.09 < model.lm_head.weight.std().item() < 0.11  # TINY_INIT_STD
+    assert 0.015 < build_random_model(tiny_config(), seed=0).lm_head.weight.std().item() < 0.025
     assert not torch.equal(model.lm_head.weight, model.embed_tokens.weight)  # untied
 
 
@@ -119,7 +120,7 @@ def test_logits_indices_select_rows(model):
     pos = torch.arange(9)
     picked = model(toks, pos, CausalAttention(), None, torch.tensor([8, 2]))
     full = full_logits(model, toks)
-    torch.testing.assert_close(picked, full[[8, 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(picked, full[[8, 2]], atol=1e-5, rtol=0)
 
 
 def test_gqa_shapes(model):

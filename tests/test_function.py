@@ -9,6 +9,7 @@ import pytest
 import parrot_nb
 from engine_server.protocol import SamplingSpec
 from parrot_nb import NotConnectedError, SemanticFunction, SemanticVariable, TemplateError, semantic_function
+from tests.tiny_oracle import expected, expected_text
 
 ASK = "Context: {{input:context}}\nQuestion: {{input:question}}\nAnswer: {{output:answer}}"
 
@@ -84,7 +85,7 @@ def test_call_returns_a_variable_immediately_and_get_returns_text(connected) -> 
     fn = SemanticFunction.from_template("ask", ASK, max_tokens=4)
     answer = fn(context="sky", question="colour?")
     assert isinstance(answer, SemanticVariable) and answer.state == "pending"
-    assert isinstance(answer.get(timeout=120), str)
+    assert answer.get(timeout=120) == expected_text(fn, context="sky", question="colour?")
     assert answer.state == "done"
 
 
@@ -92,19 +93,23 @@ def test_several_outputs_come_back_as_a_named_tuple(connected) -> None:
     fn = SemanticFunction.from_template("pair", "A: {{output:first max_tokens=2}}\nB: {{output:second max_tokens=2}}")
     out = fn()
     assert out._fields == ("first", "second")
-    assert all(isinstance(v, SemanticVariable) for v in out)
+    assert (out.first.name, out.second.name) == ("first", "second")
+    want = expected(fn)
+    assert (out.first.get(timeout=120), out.second.get(timeout=120)) == (want["first"], want["second"])
 
 
 def test_non_string_inputs_are_rendered_with_str(connected) -> None:
     fn = SemanticFunction.from_template("num", "N: {{input:n}} -> {{output:o max_tokens=2}}")
-    fn(n=[1, 2]).get(timeout=120)
+    assert fn(n=[1, 2]).get(timeout=120) == expected_text(fn, n="[1, 2]")
     submitted = [e for e in connected.events() if e["type"] == "SubmitCall" and e["function"]["name"] == "num"]
     assert submitted[-1]["inputs"]["n"] == {"text": "[1, 2]", "var_id": None}
 
 
 def test_greedy_calls_on_the_same_prompt_give_the_same_text(connected) -> None:
     fn = SemanticFunction.from_template("det", "Same: {{input:x}} {{output:o max_tokens=5}}")
-    assert fn(x="a").get(timeout=120) == fn(x="a").get(timeout=120)
+    first, second = fn(x="a"), fn(x="a")
+    assert first.id != second.id  # two calls, two requests
+    assert first.get(timeout=120) == second.get(timeout=120) == expected_text(fn, x="a")
 
 
 def test_await_resolves_a_variable(connected) -> None:
@@ -114,7 +119,7 @@ def test_await_resolves_a_variable(connected) -> None:
     async def main() -> str:
         return await v
 
-    assert asyncio.run(main()) == v.get()
+    assert asyncio.run(main()) == expected_text(fn)
 
 
 def test_get_with_timeout_raises_timeout_error_and_keeps_running(connected) -> None:
@@ -122,7 +127,7 @@ def test_get_with_timeout_raises_timeout_error_and_keeps_running(connected) -> N
     v = fn()
     with pytest.raises(TimeoutError, match="keeps running"):
         v.get(timeout=0.01)
-    assert len(v.get(timeout=120)) > 0
+    assert v.get(timeout=120) == expected_text(fn)
 
 
 def test_invalid_perf_is_refused() -> None:

@@ -29,6 +29,8 @@ from engine_server.protocol import (
     CloseApp,
     ErrorReply,
     Forget,
+    GetHistory,
+    GetRequestDetail,
     Goodbye,
     Heartbeat,
     Hello,
@@ -50,7 +52,10 @@ from engine_server.protocol import (
 pytestmark = pytest.mark.slow  # a server start, then a few hundred round trips
 
 REPLY_TIMEOUT_MS = 5_000
-REQUESTS = (Hello, SyncEvents, OpenApp, SubmitCall, Activate, Cancel, Forget, CloseApp, Heartbeat, Goodbye, Status)  # all but Shutdown
+REQUESTS = (
+    Hello, SyncEvents, OpenApp, SubmitCall, Activate, Cancel, Forget, CloseApp, Heartbeat, Goodbye, Status, GetHistory,
+    GetRequestDetail,
+)  # all but Shutdown
 NOT_REQUESTS = [cls for cls in message_types().values() if cls not in (*REQUESTS, Shutdown)]
 # One socket serves all of a test's examples: the function-scoped fixture is meant to be shared.
 LIVE = settings(FUZZ, max_examples=60, suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture])

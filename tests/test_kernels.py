@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
@@ -265,19 +265,21 @@ def test_choose_decode_kernel_prefers_shared_only_when_it_saves_enough_reads() -
 @st.composite
 def forked_batches(draw):
     """Block tables of a decode batch grown by forking: each new sequence shares a number of full
-    blocks of an earlier one (its system prompt, or that plus a document), then has its own."""
+    blocks of an earlier one (its system prompt, or that plus a document), then has its own.
+
+    The first fork shares at least one full block of the first root, so every batch has a plan."""
     page = draw(PAGES)
     n_roots = draw(st.integers(1, 2))
     n_forks = draw(st.integers(1, 6))
     contexts, shared_with = [], []
     for i in range(n_roots + n_forks):
-        parent = draw(st.integers(0, i - 1)) if i >= n_roots else None
+        parent = (0 if i == n_roots else draw(st.integers(0, i - 1))) if i >= n_roots else None
         if parent is None:
-            contexts.append(draw(st.integers(1, 5 * page)))
+            contexts.append(draw(st.integers(page if i == 0 else 1, 5 * page)))
             shared_with.append((None, 0))
         else:
             parent_full = contexts[parent] // page
-            keep = draw(st.integers(0, parent_full))
+            keep = draw(st.integers(1 if i == n_roots else 0, parent_full))
             # Own tokens after the shared blocks; none means this sequence is exactly the prefix.
             own = draw(st.integers(0 if keep else 1, 2 * page))
             contexts.append(keep * page + own)
@@ -298,10 +300,8 @@ def test_shared_prefix_decode_matches_reference(batch, heads, dim, dtype, seed) 
     plan = kernels.plan_shared_prefix(tables, context, page)
     q = pool.queries(len(context), n_heads, dim, dtype)
     args = (q, pool.k, pool.v, table(tables), lens(context))
-    expected = reference.reference_paged_decode_attention(*args)
-    if plan is None:
-        return
-    close(kernels.shared_prefix_decode_attention(*args, plan), expected)
+    assert plan is not None and plan.groups  # the batch shares at least one block (forked_batches)
+    close(kernels.shared_prefix_decode_attention(*args, plan), reference.reference_paged_decode_attention(*args))
 
 
 def test_shared_prefix_decode_with_many_groups_of_different_sizes_in_one_launch() -> None:
@@ -334,14 +334,13 @@ def test_paged_prefill_matches_reference(seqs, heads, dim, page, dtype, seed) ->
     n_heads, n_kv = heads
     cached = [c for c, _ in seqs]
     q_lens = [n if c + n else 1 for c, n in seqs]  # every sequence has at least one token in all
+    assume(sum(q_lens) > 0)  # a batch with no new token at all is not a prefill
     context = [c + n for c, n in zip(cached, q_lens)]
     pool = Pool(48, page, n_kv, dim, dtype, seed)
     blocks = [pool.blocks(math.ceil(n / page)) for n in context]
     q = pool.queries(sum(q_lens), n_heads, dim, dtype)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     args = (q, pool.k, pool.v, table(blocks), starts, lens(context))
-    if sum(q_lens) == 0:
-        return
     close(kernels.paged_prefill_attention(*args), reference.reference_paged_prefill_attention(*args))
 
 

@@ -43,6 +43,8 @@ def _violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
         ("engine_server", ("parrot_nb", "widgets")),
         ("engine_server/manager", ("torch", "triton")),
         ("kernels", ("parrot_nb", "engine_server", "widgets")),
+        ("widgets", ("torch", "triton", "kernels", "engine_server.engine", "engine_server.manager", "engine_server.server",
+                     "engine_server.history")),
     ],
 )
 def test_package_does_not_import_what_its_layer_forbids(package: str, forbidden: tuple[str, ...]) -> None:
@@ -53,6 +55,16 @@ def test_importing_parrot_nb_loads_neither_torch_nor_triton() -> None:
     code = (
         "import sys, json, parrot_nb; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'kernels'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout) == []
+
+
+def test_importing_the_widgets_loads_neither_torch_nor_the_server() -> None:
+    code = (
+        "import sys, json, widgets; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton', 'kernels') "
+        "or m.startswith(('engine_server.server', 'engine_server.manager', 'engine_server.engine')))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert json.loads(out.stdout) == []

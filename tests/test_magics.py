@@ -19,6 +19,7 @@ from engine_server.protocol import CONNECTION_PREFIX, runtime_dir
 from parrot_nb import session
 from engine_server.protocol import pid_alive
 from parrot_nb.magics import PARROT_USAGE
+from tests.tiny_oracle import expected, expected_text
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -235,9 +236,10 @@ def test_call_returns_a_pending_variable_and_get_returns_text(ip, connected):
     var = fn(who="world")
     assert isinstance(var, parrot_nb.SemanticVariable)
     assert var.name == "reply" and var.function == "greet"
-    assert not var.ready  # nothing runs until someone asks for it
+    parrot_nb.status()  # a full round trip: had the call started, the server's log would say so
+    assert [e for e in connected.events() if e["type"] == "RequestQueued" and e["function"] == "greet"] == []
     value = var.get(timeout=60)
-    assert isinstance(value, str)
+    assert value == expected_text(fn, who="world")
     assert var.ready and var.state == "done"
     assert var.get(timeout=1) == value
 
@@ -247,7 +249,7 @@ def test_call_through_a_cell_binds_the_result_in_user_ns(ip, connected):
     result = ip.run_cell("v = cellcall('there')\ntext = v.get(timeout=60)")
     assert result.success, result.error_in_exec
     assert isinstance(ip.user_ns["v"], parrot_nb.SemanticVariable)
-    assert isinstance(ip.user_ns["text"], str)
+    assert ip.user_ns["text"] == expected_text(ip.user_ns["cellcall"], who="there")
 
 
 def test_two_output_template_returns_named_tuple_of_variables(ip, connected):
@@ -257,9 +259,9 @@ def test_two_output_template_returns_named_tuple_of_variables(ip, connected):
     assert result._fields == ("question", "answer")
     assert [v.name for v in result] == ["question", "answer"]
     assert result.question is result[0] and result.answer is result[1]
-    answer = result.answer.get(timeout=60)
-    assert isinstance(answer, str)
-    assert isinstance(result.question.get(timeout=60), str)
+    want = expected(fn, t="cats")
+    assert result.answer.get(timeout=60) == want["answer"]
+    assert result.question.get(timeout=60) == want["question"]
 
 
 def test_calls_in_two_apps_show_up_as_two_applications(ip, connected):
@@ -268,7 +270,8 @@ def test_calls_in_two_apps_show_up_as_two_applications(ip, connected):
         va = fn("a")
     with parrot_nb.app("notebook-b"):
         vb = fn("b")
-    assert isinstance(va.get(timeout=60), str) and isinstance(vb.get(timeout=60), str)
+    assert va.get(timeout=60) == expected_text(fn, who="a")
+    assert vb.get(timeout=60) == expected_text(fn, who="b")
     assert va.app_id != vb.app_id
     apps = {a.name: a for a in parrot_nb.status().apps}
     assert {"notebook-a", "notebook-b"} <= set(apps)

@@ -178,6 +178,32 @@ def test_only_text_before_the_first_output_is_keyed() -> None:
     assert segments[2].key == ""
 
 
+KEYS_OF_A_KNOWN_PROMPT = """
+from engine_server.manager.prefix import assign_keys
+from engine_server.protocol import SegmentSpec
+segments = [SegmentSpec("text", text="You are a helpful assistant. "), SegmentSpec("text", text="Q: why?"),
+            SegmentSpec("gen", var_id="v")]
+print(" ".join(assign_keys(segments)))
+"""
+
+
+def test_context_keys_are_the_same_in_every_server_process() -> None:
+    import subprocess
+    import sys
+
+    # Two fresh interpreters with different hash seeds stand for two runs of the server: a key
+    # that an engine cached under in one run must name the same prompt in the next. The value
+    # is pinned too, so a change of the scheme is a visible change to this test.
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", KEYS_OF_A_KNOWN_PROMPT], capture_output=True, text=True, check=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }  # fmt: skip
+    assert outs == {"7cf84712f99abe940a59d8b5e393a6f8 68481734e238cabb9c5b92d2a9537ef1"}
+
+
 def test_a_filled_input_is_keyed_by_its_value_whoever_produced_it() -> None:
     m = Manager(capacity=4)
     doc = m.call("doc")

@@ -19,6 +19,11 @@ from conftest import ServerProcess
 import parrot_nb
 from parrot_nb.function import SemanticFunction
 from parrot_nb.variable import SemanticVariableError
+from tests.tiny_oracle import expected_text
+
+
+MAX_RUNNING = 12  # requests an engine batches; the scheduler keeps MAX_RUNNING // 8 of them for latency work
+TWO_ENGINE_ARGS = ("--engines", "2", "--max-running", str(MAX_RUNNING))
 
 
 def _connect_when_ready(server: ServerProcess) -> None:
@@ -32,7 +37,7 @@ def _connect_when_ready(server: ServerProcess) -> None:
 
 def _two_engine_server(path: Path) -> Iterator[ServerProcess]:
     """A server with two engines, connected once both are ready; stopped afterwards, whatever happened."""
-    server = ServerProcess(path, "--engines", "2")
+    server = ServerProcess(path, *TWO_ENGINE_ARGS)
     try:
         _connect_when_ready(server)
         yield server
@@ -72,8 +77,9 @@ def _system_prompt(tag: str) -> str:
     return f"[{tag}] You are a patient assistant for a small team. Answer briefly, cite the notes, stay polite. " * 4
 
 
-def test_engines_report_how_many_requests_they_batch(two_engines: ServerProcess) -> None:
-    assert all(e.capacity >= 1 for e in parrot_nb.status().engines)
+def test_engines_report_the_batch_size_the_server_gave_them(two_engines: ServerProcess) -> None:
+    # TWO_ENGINE_ARGS sets --max-running; an engine's capacity is what its worker reports back.
+    assert [e.capacity for e in parrot_nb.status().engines] == [MAX_RUNNING, MAX_RUNNING]
 
 
 def test_the_map_stage_is_dispatched_as_a_group_on_one_engine(two_engines: ServerProcess) -> None:
@@ -150,43 +156,70 @@ def test_requests_sharing_a_prefix_land_on_the_same_engine(two_engines: ServerPr
     assert sum(finished[r]["cached_tokens"] > 0 for r in ids) >= 2
 
 
-def test_a_latency_critical_request_is_not_stuck_behind_a_throughput_batch(two_engines: ServerProcess) -> None:
-    work = SemanticFunction.from_template("batch_job", "Item {{input:i}}: {{output:o}}", max_tokens=48, ignore_eos=True)
-    chat = SemanticFunction.from_template("chat_turn", "Hello! {{output:o max_tokens=4}}")
-    with parrot_nb.app("batch"):
-        jobs = [work(i=str(i)) for i in range(40)]
-        for job in jobs:
-            job.activate("throughput")
-    with parrot_nb.app("chat"):
-        reply = chat()
-        reply.get("latency", timeout=120)
-    for job in jobs:
-        job.get(timeout=300)
-
-    events = two_engines.events()
-    (chat_id,) = _queued(two_engines, "chat_turn")
-    batch_ids = set(_queued(two_engines, "batch_job"))
-    queued_at = next(i for i, e in enumerate(events) if e["type"] == "RequestQueued" and e["request_id"] == chat_id)
-    dispatched_at = next(i for i, e in enumerate(events) if e["type"] == "RequestDispatched" and e["request_id"] == chat_id)
-    # Nothing of the batch was dispatched while the chat turn waited...
-    assert not [e for e in events[queued_at:dispatched_at] if e["type"] == "RequestDispatched"]
-    # ...although batch requests queued before it were still waiting, and went after it.
-    later = {e["request_id"] for e in events[dispatched_at:] if e["type"] == "RequestDispatched"}
-    assert later & batch_ids
-    # It went to the engine with fewer batch requests running at that moment.
+def _throughput_running_at(events: list[dict], index: int, ids: set[str]) -> dict[int, set[str]]:
+    """Which of ``ids`` each engine was running just before ``events[index]``."""
     running: dict[int, set[str]] = {0: set(), 1: set()}
-    for e in events[:dispatched_at]:
-        if e["type"] == "RequestDispatched" and e["request_id"] in batch_ids:
+    for e in events[:index]:
+        if e["type"] == "RequestDispatched" and e["request_id"] in ids:
             running[e["engine_id"]].add(e["request_id"])
-        elif e["type"] in ("RequestFinished", "RequestFailed") and e["request_id"] in batch_ids:
+        elif e["type"] in ("RequestFinished", "RequestFailed") and e["request_id"] in ids:
             for s in running.values():
                 s.discard(e["request_id"])
+    return running
+
+
+def _latency_turn_behind(jobs: int, tag: str, server: ServerProcess) -> tuple[list[dict], int, set[str]]:
+    """Queue ``jobs`` throughput requests of one application, then ask one latency-critical turn of
+    another. Returns the event log, the index of the turn's dispatch, and the batch's request ids."""
+    work = SemanticFunction.from_template(f"batch_{tag}", "Item {{input:i}}: {{output:o}}", max_tokens=200, ignore_eos=True)
+    chat = SemanticFunction.from_template(f"chat_{tag}", "Hello! {{output:o max_tokens=4}}")
+    with parrot_nb.app(f"batch-{tag}"):
+        batch = [work(i=str(i)) for i in range(jobs)]
+        for job in batch:
+            job.activate("throughput")
+    with parrot_nb.app(f"chat-{tag}"):
+        reply = chat()
+        reply.get("latency", timeout=120)
+    for job in batch:
+        job.cancel()  # what they generate does not matter here
+    events = server.events()
+    (chat_id,) = _queued(server, f"chat_{tag}")
+    dispatched_at = next(i for i, e in enumerate(events) if e["type"] == "RequestDispatched" and e["request_id"] == chat_id)
+    return events, dispatched_at, set(_queued(server, f"batch_{tag}"))
+
+
+def test_a_latency_critical_request_is_not_stuck_behind_a_throughput_batch(two_engines: ServerProcess) -> None:
+    # More batch work than both engines may run for throughput: they fill up and the rest queues.
+    events, dispatched_at, batch_ids = _latency_turn_behind(4 * MAX_RUNNING, "full", two_engines)
+    chat_id = events[dispatched_at]["request_id"]
+    queued_at = next(i for i, e in enumerate(events) if e["type"] == "RequestQueued" and e["request_id"] == chat_id)
+    waited = events[queued_at:dispatched_at]
+    # Batch requests queued before it were still waiting for a slot when it went...
+    before = events[:dispatched_at]
+    queued = {e["request_id"] for e in before if e["type"] == "RequestQueued" and e["request_id"] in batch_ids}
+    dispatched = {e["request_id"] for e in before if e["type"] == "RequestDispatched" and e["request_id"] in batch_ids}
+    assert queued - dispatched
+    # ...yet it did not wait for one of them to finish: the reserve kept it a slot. Without the
+    # reserve the engines would be full and it would go only when a batch request ended.
+    assert not [e for e in waited if e["type"] in ("RequestDispatched", "RequestFinished", "RequestFailed")]
+    running = _throughput_running_at(events, dispatched_at, batch_ids)
+    assert [len(running[0]), len(running[1])] == [MAX_RUNNING - MAX_RUNNING // 8] * 2
+
+
+def test_a_latency_critical_request_goes_to_the_engine_with_less_throughput_work(two_engines: ServerProcess) -> None:
+    # Fewer jobs than one engine's throughput slots plus a few: co-location puts the batch's
+    # application on one engine until it is full, so the two engines carry unequal batches.
+    events, dispatched_at, batch_ids = _latency_turn_behind(MAX_RUNNING, "uneven", two_engines)
+    running = _throughput_running_at(events, dispatched_at, batch_ids)
+    loads = sorted(len(r) for r in running.values())
+    assert loads[0] < loads[1], f"the batch did not load the engines unequally: {running}"
     chosen = events[dispatched_at]["engine_id"]
-    assert len(running[chosen]) <= len(running[1 - chosen])
+    assert len(running[chosen]) == loads[0]
 
 
 def test_a_flooding_application_does_not_starve_another(two_engines: ServerProcess) -> None:
-    flood_fn = SemanticFunction.from_template("flood_req", "Flood {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
+    # Long enough that the flood is still waiting for slots when the quiet application arrives.
+    flood_fn = SemanticFunction.from_template("flood_req", "Flood {{input:i}}: {{output:o}}", max_tokens=200, ignore_eos=True)
     quiet_fn = SemanticFunction.from_template("quiet_req", "Quiet {{input:i}}: {{output:o}}", max_tokens=16, ignore_eos=True)
     with parrot_nb.app("flood"):
         flood = [flood_fn(i=str(i)) for i in range(80)]
@@ -196,14 +229,24 @@ def test_a_flooding_application_does_not_starve_another(two_engines: ServerProce
         quiet = [quiet_fn(i=str(i)) for i in range(3)]
         for v in quiet:
             v.activate("throughput")
-    for v in quiet + flood:
+    for v in quiet:
         v.get(timeout=300)
+    for v in flood:
+        v.cancel()  # what the flood generates does not matter here
 
-    order = [e["request_id"] for e in _dispatches(two_engines)]
-    flood_ids, quiet_ids = _queued(two_engines, "flood_req"), _queued(two_engines, "quiet_req")
-    last_quiet = max(order.index(r) for r in quiet_ids)
-    # The quiet app did not wait for the flood, which was queued before it, to drain.
-    assert any(order.index(r) > last_quiet for r in flood_ids)
+    events = two_engines.events()
+    flood_ids = set(_queued(two_engines, "flood_req"))
+    for quiet_id in _queued(two_engines, "quiet_req"):
+        queued_at = next(i for i, e in enumerate(events) if e["type"] == "RequestQueued" and e["request_id"] == quiet_id)
+        dispatched_at = next(i for i, e in enumerate(events) if e["type"] == "RequestDispatched" and e["request_id"] == quiet_id)
+        before = events[:queued_at]
+        waiting = {e["request_id"] for e in before if e["type"] == "RequestQueued" and e["request_id"] in flood_ids} - {
+            e["request_id"] for e in before if e["type"] == "RequestDispatched"
+        }
+        assert waiting, "the flood had no request waiting when the quiet application arrived"
+        # The flood was queued first, yet no flood request took a slot while this one waited.
+        jumped = [e for e in events[queued_at:dispatched_at] if e["type"] == "RequestDispatched" and e["request_id"] in flood_ids]
+        assert not jumped
 
 
 # ---------------------------------------------------------------- an engine that keeps dying
@@ -238,6 +281,6 @@ def test_a_request_whose_engines_die_fails_clearly_while_others_go_on(fresh_two_
     with pytest.raises(SemanticVariableError, match=r"engine \d died while running 'victim'.*tried 2 times"):
         victim.get(timeout=120)
     with parrot_nb.app("bystander"):
-        assert all(isinstance(other_fn(i=str(i)).get(timeout=120), str) for i in range(2))
+        assert [other_fn(i=str(i)).get(timeout=120) for i in range(2)] == [expected_text(other_fn, i=str(i)) for i in range(2)]
     failed = [e for e in fresh_two_engines.events() if e["type"] == "RequestFailed"]
     assert len(failed) == 1

@@ -51,10 +51,22 @@ def test_nested_message_round_trips_with_id_and_ref() -> None:
     assert (env.id, env.ref) == ("m1", "r0")
 
 
-def test_every_message_type_has_a_unique_registered_name() -> None:
+def test_every_message_type_is_registered_under_its_class_name() -> None:
     types = message_types()
     assert "SubmitCall" in types and "WorkerDone" in types
     assert all(cls.TYPE == name for name, cls in types.items())
+
+
+def test_a_second_message_type_of_the_same_name_is_refused() -> None:
+    from engine_server.protocol import Message
+
+    before = message_types()
+    with pytest.raises(TypeError, match="message type 'Status' is already defined"):
+
+        class Status(Message):  # noqa: F811 (the clash is the point)
+            pass
+
+    assert message_types() == before and message_types()["Status"] is before["Status"]
 
 
 def test_signature_from_another_key_is_refused() -> None:

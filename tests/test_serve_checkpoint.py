@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 
 import parrot_nb
+from engine_server.engine.worker import build_engine
 from parrot_nb.function import SemanticFunction
 from tests.checkpoints import tiny_hf_config, write_checkpoint, write_tokenizer
 from tests.conftest import ServerProcess
+from tests.tiny_oracle import expected_on
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,14 @@ def server(checkpoint, tmp_path_factory):
 def test_checkpoint_server_runs_a_chain_and_reports_its_model(server, checkpoint):
     first = SemanticFunction.from_template("first", "Tell me a story: {{output:story max_tokens=12}}")
     second = SemanticFunction.from_template("second", "Story: {{input:s}} Moral: {{output:moral max_tokens=8}}")
-    moral = second(s=first())
-    assert isinstance(moral.get(timeout=120), str)
+    story = first()
+    moral = second(s=story)
+    # The same model, built as a server builds it, here in this process: the server's chain must
+    # give exactly its greedy text, with the first output passed on as the second's input.
+    engine = build_engine(str(checkpoint), "cpu")
+    want_story = expected_on(engine, first)["story"]
+    assert moral.get(timeout=120) == expected_on(engine, second, s=want_story)["moral"]
+    assert story.get() == want_story
     finished = [e for e in server.events() if e["type"] == "RequestFinished"]
     assert len(finished) == 2 and all(e["output_tokens"] >= 1 for e in finished)
     assert parrot_nb.status().model == str(checkpoint)

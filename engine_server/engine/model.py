@@ -445,8 +445,11 @@ def build_random_model(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    std: float = 0.02,
 ) -> LlamaModel:
     """A deterministic random model of `config`: same seed, same weights, in any process.
+
+    Matrices are drawn from N(0, std); norms are 1.
 
     Small models draw in float32 on the CPU from a local generator (the global RNG
     is left alone), then move, so the seed fixes the weights independently of
@@ -462,17 +465,25 @@ def build_random_model(
         model.to(dtype=dtype)
     if config.tie_embeddings:  # to_empty re-creates parameters, so tie again
         model.lm_head.weight = model.embed_tokens.weight
-    model.init_weights(torch.Generator(device=init_device).manual_seed(seed))
+    model.init_weights(torch.Generator(device=init_device).manual_seed(seed), std=std)
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
 
 
+TINY_INIT_STD = 0.1
+
+
 def build_tiny_model(
     seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> LlamaModel:
-    """The embedded default: a seeded random model of `tiny_config()`."""
-    return build_random_model(tiny_config(), seed, device, dtype)
+    """The seeded random model of `tiny_config()` that tests serve (`--model tiny`).
+
+    Drawn at std 0.1, not the usual 0.02: at 0.02 attention is nearly uniform and the next token
+    hardly depends on anything but the last few, so different prompts give the same text; at 0.1
+    the text depends on the whole prompt, so a test that feeds a call the wrong input sees it.
+    """
+    return build_random_model(tiny_config(), seed, device, dtype, std=TINY_INIT_STD)
 
 
 @torch.inference_mode()

@@ -26,15 +26,18 @@ from engine_server.protocol import (
     ActivationDone,
     AppStats,
     EngineLoad,
+    InputLink,
     Message,
     Perf,
     ReleaseContexts,
     RequestCancelled,
+    RequestDetail,
     RequestDispatched,
     RequestFailed,
     RequestFinished,
     RequestFirstToken,
     RequestQueued,
+    RequestSubmitted,
     RunRequest,
     SubmitCall,
     TokenDelta,
@@ -70,6 +73,13 @@ class Executor:
     def submit(self, call: SubmitCall) -> RequestNode:
         """Add a call to its app's DAG. It runs once something downstream is requested."""
         node = self.graph.add_request(call)
+        links = {
+            name: InputLink(value.var_id, self.graph.variables[value.var_id].producer or "")
+            for name, value in call.inputs.items()
+            if value.var_id is not None
+        }
+        app_name = self.graph.apps[node.app_id].name
+        self.publish(RequestSubmitted(node.app_id, node.id, node.function.name, links, dict(node.outputs), time.time(), app_name))
         failed_inputs = [v for v in self.graph.input_variables(node) if v.state == "failed"]
         if failed_inputs:
             self._fail(node, f"input variable {failed_inputs[0].name!r} failed: {failed_inputs[0].error}")
@@ -123,6 +133,33 @@ class Executor:
             self.scheduler.drop_app(app_id)
         return len(removed)
 
+    def detail(self, request_id: str) -> RequestDetail:
+        """A request's filled prompt, output so far and timings (``GetRequestDetail``)."""
+        node = self.graph.requests.get(request_id)
+        if node is None:
+            raise GraphError(
+                f"unknown request {request_id!r}: it was never submitted, or the server freed it once "
+                "no variable of it or downstream of it was held"
+            )
+        outputs = {}
+        for name, var_id in node.outputs.items():
+            var = self.graph.variables[var_id]
+            outputs[name] = var.value if var.value is not None else "".join(node.streamed.get(var_id, ()))
+        done = node.result
+        started, ended = node.t_dispatched, node.t_ended or time.monotonic()
+        return RequestDetail(
+            node.app_id, node.id, node.function.name, node.state if node.state != "lost" else "queued",
+            self.graph.prompt(node), outputs,
+            engine_id=node.engine_id if node.engine_id is not None else -1,
+            perf=node.perf or "", group=node.group or "", attempts=node.attempts,
+            queue_s=(started or ended) - node.t_queued if node.t_queued else 0.0,
+            exec_s=ended - started if started else 0.0,
+            prefill_s=done.prefill_s if done else 0.0, decode_s=done.decode_s if done else 0.0,
+            ttft_s=done.ttft_s if done else (node.t_first_token - started if node.t_first_token else 0.0),
+            prompt_tokens=done.prompt_tokens if done else 0, cached_tokens=done.cached_tokens if done else 0,
+            output_tokens=done.output_tokens if done else 0, error=node.error,
+        )  # fmt: skip
+
     def var_state(self, var_id: str) -> VarState:
         var = self.graph.variables[var_id]
         return VarState(var.id, var.state, var.value, var.error)
@@ -139,6 +176,7 @@ class Executor:
                 node.t_first_token = time.monotonic()
                 ttft = node.t_first_token - node.t_dispatched
                 self.publish(RequestFirstToken(node.app_id, node.id, engine_id, ttft, time.time()))
+            node.streamed.setdefault(msg.var_id, []).append(msg.text)
             self.publish(TokenDelta(node.app_id, msg.var_id, msg.text))
         elif isinstance(msg, WorkerDone):
             self._finish(node, msg)
@@ -201,6 +239,7 @@ class Executor:
             node.attempts += 1
             node.t_dispatched = time.monotonic()
             node.t_first_token = 0.0
+            node.streamed = {}  # a retry streams from the start again
             for var_id in node.outputs.values():
                 self.graph.variables[var_id].state = "running"
             assert node.segments is not None  # fixed when it was queued
@@ -252,7 +291,8 @@ class Executor:
     def _finish(self, node: RequestNode, done: WorkerDone) -> None:
         self._leave(node)
         self.graph.settle(node, "done")
-        now = time.monotonic()
+        now = node.t_ended = time.monotonic()
+        node.result, node.streamed = done, {}  # the values hold the whole output now
         self.publish(
             RequestFinished(
                 node.app_id,
@@ -298,6 +338,7 @@ class Executor:
                 self.send_to_engine(node.engine_id, AbortRequest(node.id))
             self._leave(node)
             self.graph.settle(node, state)
+            node.error, node.t_ended = error, time.monotonic()
             if state == "cancelled":
                 self.publish(RequestCancelled(node.app_id, node.id, error, time.time()))
             else:

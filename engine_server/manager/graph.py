@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from engine_server import chat
 from engine_server.models import ChatFormat
-from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall
+from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, Perf, SegmentSpec, SubmitCall, WorkerDone
 
 
 class GraphError(ValueError):
@@ -51,6 +51,12 @@ class RequestNode:
     t_queued: float = 0.0
     t_dispatched: float = 0.0
     t_first_token: float = 0.0
+    t_ended: float = 0.0  # when it finished, failed or was cancelled
+    # What a request's detail shows: output streamed by its running attempt (var id -> deltas),
+    # the engine's report once done, and why it failed or was cancelled.
+    streamed: dict[str, list[str]] = field(default_factory=dict)
+    result: WorkerDone | None = None
+    error: str = ""
 
 
 #: States a request never leaves.
@@ -260,6 +266,26 @@ class Graph:
             elif text := self._text(node, chunk):
                 segments.append(SegmentSpec("text", text=text))
         return segments
+
+    def prompt(self, node: RequestNode) -> str:
+        """The request's prompt as text, for people: its program once queued, else its template filled so far.
+
+        Outputs show as ``{{output:name}}``, inputs not computed yet as ``{{input:name}}``
+        and, before a chat function is rendered, role markers as ``{{role:name}}``.
+        """
+        names = {var_id: name for name, var_id in node.outputs.items()}
+        if node.segments is not None:
+            return "".join(s.text if s.kind == "text" else f"{{{{output:{names[s.var_id]}}}}}" for s in node.segments)
+        pieces = []
+        for chunk in node.function.chunks:
+            value = node.inputs.get(chunk.name) if chunk.kind == "input" else None
+            if chunk.kind == "text":
+                pieces.append(chunk.text)
+            elif value is not None and (value.text is not None or self.variables[value.var_id].state == "done"):
+                pieces.append(self._text(node, chunk))
+            else:
+                pieces.append(f"{{{{{chunk.kind}:{chunk.name}}}}}")
+        return "".join(pieces)
 
     def _text(self, node: RequestNode, chunk: ChunkSpec) -> str:
         """A text or input chunk's text (an input's value once its producer is done)."""
