@@ -13,11 +13,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,14 +172,17 @@ def run_pipeline(
         if result is None:
             return
         value, error = result
-        results.write(record.index, record.line, output=value, error=error)
-        written += 1
-        failed += error is not None
+        with interrupts.held():  # the line on the disk and its count are one step
+            results.write(record.index, record.line, output=value, error=error)
+            written += 1
+            failed += error is not None
         bar.update(1)
 
     todo = (r for r in read_records(inputs) if r.index not in results.done)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="parrot-nb-record")
     running: dict[Future[Any], Record] = {}
+    interrupts = _Interrupts()
+    interrupts.install()
     try:
         while True:
             while len(running) < concurrency and (record := next(todo, None)) is not None:
@@ -202,6 +207,7 @@ def run_pipeline(
             if fut.done() and fut.exception() is None:
                 record_done(record, fut.result())
     finally:
+        interrupts.uninstall()
         stopping.set()
         pool.shutdown(wait=not interrupted, cancel_futures=True)
         _show_stats(bar, results.failed, stats, time.monotonic() - t0)
@@ -228,6 +234,47 @@ def run_pipeline(
             file=sys.stderr,
         )
     return summary
+
+
+class _Interrupts:
+    """Ctrl-C (and SIGTERM where it means the same) raise ``KeyboardInterrupt`` as usual, except
+    inside ``held()``, where it is raised when the block ends.
+
+    Signal handlers run on the main thread only, so elsewhere (a worker thread) nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self._holding = self._pending = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if sig == signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._holding:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
 
 
 def _run_record(
