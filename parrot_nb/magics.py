@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from typing import Any
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments
 
-from engine_server.protocol import DEFAULT_MODEL
 from parrot_nb import session
 from parrot_nb.function import SemanticFunction
+from parrot_nb.magic_line import USAGE as SEMANTIC_USAGE
+from parrot_nb.magic_line import MagicLineError, cell_template, parse_semantic_line, parse_start_words
 from parrot_nb.template import TemplateError
 
 PARROT_USAGE = """\
@@ -34,19 +34,6 @@ PARROT_USAGE = """\
 @magics_class
 class ParrotMagics(Magics):
     @no_var_expand
-    @magic_arguments()
-    @argument("name", help="name of the semantic function to define in the user namespace")
-    @argument("--max-tokens", type=int, default=None, help="default max tokens of each output")
-    @argument("--temperature", type=float, default=None, help="default sampling temperature (0 = greedy)")
-    @argument("--top-p", type=float, default=None, help="default nucleus sampling threshold")
-    @argument("--top-k", type=int, default=None, help="default top-k (0 = off)")
-    @argument("--seed", type=int, default=None, help="default sampling seed")
-    @argument("--stop", action="append", default=None, help="default stop string (repeatable)")
-    @argument(
-        "--chat", action="store_true",
-        help="a chat function: rendered with the served model's chat template; {{role:system}} and "
-        "{{role:user}} start messages, each output is an assistant reply",
-    )  # fmt: skip
     @cell_magic
     def semantic(self, line: str, cell: str) -> Any:
         """Define a semantic function: the cell body is its template.
@@ -54,28 +41,18 @@ class ParrotMagics(Magics):
         Placeholders: ``{{input:name}}`` and ``{{output:name key=value ...}}``;
         everything else is literal text (JSON and code included).
         """
-        args = self.semantic.parser.parse_args(_split(line))
-        defaults = {
-            key: value
-            for key, value in (
-                ("max_tokens", args.max_tokens),
-                ("temperature", args.temperature),
-                ("top_p", args.top_p),
-                ("top_k", args.top_k),
-                ("seed", args.seed),
-                ("stop", tuple(_unescape(s) for s in args.stop) if args.stop else None),
-            )
-            if value is not None
-        }
-        if cell.endswith("\n"):  # the cell's last newline is the editor's, not the prompt's
-            cell = cell[:-1]
         try:
-            fn = SemanticFunction.from_template(args.name, cell, chat=args.chat, **defaults)
+            parsed = parse_semantic_line(line)
+        except MagicLineError as exc:
+            raise UsageError(str(exc)) from None
+        cell = cell_template(cell)
+        try:
+            fn = SemanticFunction.from_template(parsed.name, cell, chat=parsed.chat, **parsed.defaults)
         except TemplateError as exc:
             # Show the error without a traceback through IPython internals: it is about the cell.
             print(f"TemplateError: {exc}")
             raise
-        self.shell.user_ns[args.name] = fn
+        self.shell.user_ns[parsed.name] = fn
         return fn
 
     @no_var_expand
@@ -120,29 +97,15 @@ class ParrotMagics(Magics):
         raise ValueError(f"unknown %parrot command {command!r}\n{PARROT_USAGE}")
 
     def _start(self, words: list[str]) -> None:
-        import argparse
-
-        parser = argparse.ArgumentParser(prog="%parrot start", add_help=False, exit_on_error=False)
-        parser.add_argument("--model", default=DEFAULT_MODEL)
-        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        parser.add_argument("--port", type=int, default=None)
-        parser.add_argument("--engines", type=int, default=1)
-        parser.add_argument("--ip", default=None)
-        parser.add_argument("--max-running", type=int, default=None)
-        parser.add_argument("--token-budget", type=int, default=None)
-        parser.add_argument("--kv-cache-mb", type=int, default=None)
-        parser.add_argument("--gpu-memory-utilization", type=float, default=None)
         try:
-            args, unknown = parser.parse_known_args(words)
-        except argparse.ArgumentError as exc:
-            raise ValueError(f"%parrot start: {exc}\n{PARROT_USAGE}") from None
-        if unknown:
-            raise ValueError(f"%parrot start: unknown argument(s) {' '.join(unknown)}\n{PARROT_USAGE}")
-        sizing = {name: getattr(args, name) for name in session.ENGINE_SIZING}
-        client = session.start(model=args.model, device=args.device, port=args.port, engines=args.engines, ip=args.ip, **sizing)
+            options = parse_start_words(words)
+        except MagicLineError as exc:
+            raise ValueError(f"{exc}\n{PARROT_USAGE}") from None
+        client = session.start(**options)
+        engines = options["engines"]
         print(
-            f"engine server started (pid {client.info.pid}, model {client.info.model}, device {args.device}, "
-            f"{args.engines} engine{'s' if args.engines != 1 else ''}); log: {session.server_log()}"
+            f"engine server started (pid {client.info.pid}, model {client.info.model}, device {options['device']}, "
+            f"{engines} engine{'s' if engines != 1 else ''}); log: {session.server_log()}"
         )
 
 
@@ -156,24 +119,5 @@ class _Status:
         return self.text
 
 
-def _split(line: str) -> list[str]:
-    """Split a magic line like a shell does, quotes removed, but keep backslashes.
-
-    Backslashes stay so that `--stop \\n` and `--stop "\\n\\n"` both reach
-    ``_unescape`` intact.
-    """
-    lexer = shlex.shlex(line, posix=True)
-    lexer.whitespace_split = True
-    lexer.escape = ""
-    try:
-        return list(lexer)
-    except ValueError as exc:
-        raise ValueError(f"cannot parse the magic line {line!r}: {exc}") from None
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
-
-
-def _unescape(s: str) -> str:
-    """Turn the escapes \\n \\t \\r \\\\ \\" \\' of a magic-line stop string into characters."""
-    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), s)
+# `%%semantic?` shows the flags too: they are declared once, in parrot_nb.magic_line.
+ParrotMagics.semantic.__doc__ += "\n" + SEMANTIC_USAGE
