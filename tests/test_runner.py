@@ -179,8 +179,17 @@ def test_sigkill_mid_run_then_resume_yields_each_record_exactly_once(shared_serv
 
 @pytest.mark.slow
 def test_ctrl_c_cancels_the_records_in_flight_keeps_the_written_ones_and_says_how_to_resume(shared_server, tmp_path) -> None:
-    inputs, output = _records(tmp_path, 40), tmp_path / "out.jsonl"
-    args = _run_args(shared_server, inputs, output, "--concurrency", "4")
+    # The first three records finish at once; the others decode for seconds, so records are surely in
+    # flight (with requests on the server to cancel) when Ctrl-C lands after the third is written.
+    pipe = _pipeline(tmp_path, (
+        "quick = parrot_nb.SemanticFunction.from_template('quick', 'Quick {{input:n}}: {{output:o max_tokens=2}}')\n"
+        "slow = parrot_nb.SemanticFunction.from_template('slow', 'Slow {{input:n}}: {{output:o max_tokens=500 ignore_eos=true}}')\n"
+        "def run(n):\n"
+        "    return (quick if n < 3 else slow)(n=n)"
+    ))  # fmt: skip
+    inputs, output = tmp_path / "records.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(12)))
+    args = _run_args(shared_server, inputs, output, "--concurrency", "4", pipeline=pipe)
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_results(output, 3, proc)
@@ -193,14 +202,14 @@ def test_ctrl_c_cancels_the_records_in_flight_keeps_the_written_ones_and_says_ho
             proc.communicate()
     assert proc.returncode == 130, stderr
     written = [line["record"] for line in _lines(output)]
-    assert 3 <= len(written) < 40 and len(set(written)) == len(written)
-    assert f"interrupted: {output} holds {len(written)} of 40 records" in stderr
+    assert 3 <= len(written) < 12 and len(set(written)) == len(written)
+    assert f"interrupted: {output} holds {len(written)} of 12 records" in stderr
     assert "To resume, run the same command again:\n  parrot-nb run " in stderr and f"--output {output}" in stderr
     cancelled = [e for e in shared_server.events() if e["type"] == "RequestCancelled" and e["t"] >= interrupted_at - 1]
     assert cancelled and all("the pipeline run was interrupted" in e["reason"] for e in cancelled)
-    out = _run(shared_server, inputs, output, "--concurrency", "4")
+    out = _run(shared_server, inputs, output, "--concurrency", "4", pipeline=pipe)
     assert out.returncode == 0, out.stderr
-    assert sorted(line["record"] for line in _lines(output)) == list(range(40))
+    assert sorted(line["record"] for line in _lines(output)) == list(range(12))
 
 
 # --------------------------------------------------------------------------- the notebook and its pipeline
