@@ -21,15 +21,14 @@ import traitlets
 
 from engine_server.protocol import (
     ErrorReply,
-    GetHistory,
     GetRequestDetail,
-    History,
     Message,
     RequestDetail,
     RequestDispatched,
     TokenDelta,
 )
 from parrot_nb.client import Client
+from widgets.feed import EventFeed
 from widgets.dag_model import COLLAPSE_AT, FINAL, DagModel, View
 from widgets.layout import Layout, layout
 from widgets.svg import COLORS, render_svg
@@ -60,7 +59,6 @@ class DagWidget(anywidget.AnyWidget):
         self.interval = interval  # seconds between redraws, at least
         self.redraws = 0  # graph assignments sent to the front end
         self.layouts = 0  # layouts computed (only when the shape changed)
-        self.events = 0  # events received
         self._lock = threading.RLock()  # the model and the detail (I/O, timer and kernel threads)
         self._layout_lock = threading.Lock()  # the layout (timer thread, and a display on the kernel thread)
         self._model = DagModel(app)
@@ -68,34 +66,19 @@ class DagWidget(anywidget.AnyWidget):
         self._shape: tuple | None = None
         self._layout = Layout()
         self._detail: dict[str, Any] = {}
-        self._early: list[Message] | None = []  # live events that arrive before the history is applied
         self._throttle = Throttle(self._flush, interval)
-        self._stop_listening = client.add_listener(self._on_event)
-        try:
-            history = client.call(GetHistory(app or ""), expect=History)
-        except BaseException:
-            self._stop_listening()
-            raise
-        with self._lock:
-            for event in history.ordered():
-                self._model.apply(event)
-            early, self._early = self._early, None
-            for event in early or ():
-                self._apply(event)
+        self._feed = EventFeed(
+            client, app or "", self._lock, replay=self._model.apply, apply=self._apply, changed=self._throttle.poke
+        )
         self.on_msg(self._on_front_end_message)
         self._flush()  # the first view is complete before it is displayed
 
     # ----------------------------------------------------------------- events (I/O thread)
 
-    def _on_event(self, event: Message) -> None:
-        self.events += 1
-        with self._lock:
-            if self._early is not None:
-                self._early.append(event)
-                return
-            changed = self._apply(event)
-        if changed:
-            self._throttle.poke()
+    @property
+    def events(self) -> int:
+        """Live events received."""
+        return self._feed.received
 
     def _apply(self, event: Message) -> bool:
         changed = self._model.apply(event)
@@ -216,7 +199,7 @@ class DagWidget(anywidget.AnyWidget):
 
     def close(self) -> None:
         """Stop following events and close the widget."""
-        self._stop_listening()
+        self._feed.stop()
         self._throttle.cancel()
         super().close()
 

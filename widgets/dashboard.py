@@ -19,8 +19,8 @@ import ipywidgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine_server.protocol import GetHistory, History, Message
 from parrot_nb.client import Client
+from widgets.feed import EventFeed
 from widgets.stats_model import AppRow, StatsModel
 from widgets.throttle import Throttle
 
@@ -50,7 +50,6 @@ class StatsDashboard(ipywidgets.VBox):
         self.redraws = 0
         self._lock = threading.Lock()
         self._model = StatsModel()
-        self._early: list[Message] | None = []
         self._table = ipywidgets.HTML()
         # One figure with four panels: a figure per chart in an HBox draws blank when JupyterLab
         # renders it off screen (a "Run All" past the visible cells), one full-width figure does not.
@@ -68,28 +67,10 @@ class StatsDashboard(ipywidgets.VBox):
         super().__init__([ipywidgets.HTML("<b>parrot-nb: latency and prefix cache</b>"), self._table, self._charts])
         self.add_class("parrot-nb-dashboard")
         self._throttle = Throttle(self._flush, interval)
-        self._stop_listening = client.add_listener(self._on_event)
-        try:
-            history = client.call(GetHistory(""), expect=History)
-        except BaseException:
-            self._stop_listening()
-            raise
-        with self._lock:
-            for event in history.ordered():
-                self._model.apply(event)
-            early, self._early = self._early, None
-            for event in early or ():
-                self._model.apply(event)
+        self._feed = EventFeed(
+            client, "", self._lock, replay=self._model.apply, apply=self._model.apply, changed=self._throttle.poke
+        )
         self._flush()
-
-    def _on_event(self, event: Message) -> None:
-        with self._lock:
-            if self._early is not None:
-                self._early.append(event)
-                return
-            changed = self._model.apply(event)
-        if changed:
-            self._throttle.poke()
 
     def rows(self) -> list[AppRow]:
         with self._lock:
@@ -135,7 +116,7 @@ class StatsDashboard(ipywidgets.VBox):
         return {**data, "text/html": table_html(rows), "text/plain": table_text(rows)}, metadata
 
     def close(self) -> None:
-        self._stop_listening()
+        self._feed.stop()
         self._throttle.cancel()
         for child in (self._table, self._charts):
             child.close()
