@@ -144,6 +144,10 @@ def check_sampling_option(key: str, value: object) -> object:
         if any(s == "" for s in items):
             raise ValueError(f"option 'stop' must be {expected}, got an empty string")
         return tuple(items)
+    if key in ("choices", "regex", "json"):
+        from engine_server import constraints  # llguidance is imported only when a constraint is used
+
+        return constraints.normalize(key, value)
     raise ValueError(f"unknown sampling option {key!r}; allowed options: {', '.join(sorted(SAMPLING_OPTIONS))}")
 
 
@@ -167,13 +171,35 @@ class SamplingSpec:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    # At most one constraint (engine_server/constraints.py): the output is one of `choices`,
+    # matches `regex`, or is JSON valid under the schema `json` (canonical JSON text).
+    choices: list[str] = field(default_factory=list)
+    regex: str | None = None
+    json: str | None = None
 
     def check(self) -> None:
         """Raise ``TypeError``/``ValueError`` naming the first option that breaks the rules."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not (f.name == "stop" and value == []) and not (f.name == "seed" and value is None):
+            if not is_unset(f.name, value):
                 check_sampling_option(f.name, value)
+        check_one_constraint({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+def is_unset(key: str, value: object) -> bool:
+    """Whether sampling option ``key`` holds its "not set" value (no stop strings, no seed, no constraint)."""
+    if key in ("seed", "regex", "json"):
+        return value is None
+    return key in ("stop", "choices") and isinstance(value, (list, tuple)) and len(value) == 0
+
+
+def check_one_constraint(options: dict[str, object]) -> None:
+    """Raise ``ValueError`` when more than one of choices, regex and json is set."""
+    given = [k for k in ("choices", "regex", "json") if k in options and not is_unset(k, options[k])]
+    if len(given) > 1:
+        raise ValueError(
+            f"options {given[0]!r} and {given[1]!r} both constrain the output; give one of choices, regex and json"
+        )
 
 
 #: The options a placeholder may set, with their defaults (``SamplingSpec``'s fields).

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from parrot_nb.function import SemanticFunction
+from parrot_nb.function import check_definition, names_used
 from parrot_nb.magic_line import MagicLineError, cell_template, parse_semantic_line, parse_start_words
 from parrot_nb.pipeline import ENTRY_POINT
 from parrot_nb.template import TemplateError
@@ -152,12 +152,15 @@ def _cell_magic(cell: _Cell) -> str:
         raise ExportError(f"{cell.where(magic_line)}: {exc}") from None
     template = cell_template(body)
     try:
-        SemanticFunction.from_template(parsed.name, template, chat=parsed.chat, **parsed.defaults)
+        # Names in constraint options (json=Plan) resolve when the pipeline defines the function.
+        definition, _ = check_definition(parsed.name, template, chat=parsed.chat, defaults=parsed.defaults)
     except TemplateError as exc:  # its line counts from the template's first line, the one after the magic's
         raise ExportError(f"{cell.where(magic_line + exc.line)}: TemplateError: {exc}") from None
     except ValueError as exc:  # a bad default (a flag's value) or name: it is on the magic line
         raise ExportError(f"{cell.where(magic_line)}: {exc}") from None
     options = (["chat=True"] if parsed.chat else []) + [f"{k}={v!r}" for k, v in parsed.defaults.items()]
+    if names_used(definition):
+        options.append("namespace=globals()")
     args = ",\n".join(f"    {a}" for a in [repr(parsed.name), _string_literal(template), *options])
     return f"# ── cell {cell.number}: {first}\n{parsed.name} = SemanticFunction.from_template(\n{args},\n)"
 

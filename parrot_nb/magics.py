@@ -47,7 +47,9 @@ class ParrotMagics(Magics):
             raise UsageError(str(exc)) from None
         cell = cell_template(cell)
         try:
-            fn = SemanticFunction.from_template(parsed.name, cell, chat=parsed.chat, **parsed.defaults)
+            fn = SemanticFunction.from_template(
+                parsed.name, cell, chat=parsed.chat, namespace=self.shell.user_ns, **parsed.defaults
+            )
         except TemplateError as exc:
             # Show the error without a traceback through IPython internals: it is about the cell.
             print(f"TemplateError: {exc}")

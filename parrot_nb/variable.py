@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import threading
 from collections.abc import Generator
 from concurrent.futures import Future
@@ -38,15 +39,22 @@ class SemanticVariable:
     Nothing runs until a variable downstream is requested: ``v.get()``,
     ``await v``, or displaying ``v`` in a notebook cell (which streams the
     tokens as they arrive).
+
+    The value is the output's text; an output constrained by a JSON schema
+    (``json=...``, ``is_json``) gives the parsed object instead, and ``text``
+    its JSON text. A downstream function always reads the text.
     """
 
-    def __init__(self, client: Client, app_id: str, var_id: str, name: str, function: str) -> None:
+    def __init__(
+        self, client: Client, app_id: str, var_id: str, name: str, function: str, *, is_json: bool = False
+    ) -> None:
         self._client = client
         self.app_id = app_id
         self.id = var_id
         self.name = name
         self.function = function
-        self._future: Future[str] = Future()
+        self.is_json = is_json
+        self._future: Future[Any] = Future()
         self._state = "pending"
         self._parts: list[str] = []
         self._changed = threading.Condition()
@@ -68,6 +76,12 @@ class SemanticVariable:
         """The text streamed so far (the whole value once done)."""
         return "".join(self._parts)
 
+    @property
+    def text(self) -> str:
+        """The output's whole text (JSON text for a JSON output); waits like ``get``."""
+        self.get()
+        return self.partial
+
     def activate(self, perf: Perf = "latency") -> None:
         """Ask the server for this variable without waiting (what ``get`` does first)."""
         if perf not in PERFS:
@@ -77,8 +91,8 @@ class SemanticVariable:
         self._activated.add(perf)
         self._client.request(Activate(self.app_id, self.id, perf)).add_done_callback(self._on_activated)
 
-    def get(self, perf: Perf = "latency", timeout: float | None = None) -> str:
-        """Block until the value is ready and return it.
+    def get(self, perf: Perf = "latency", timeout: float | None = None) -> Any:
+        """Block until the value is ready and return it: the text, or for a JSON output the parsed object.
 
         ``perf`` tells the server what to optimise the requests behind this
         variable for: ``latency`` (someone is waiting) or ``throughput``.
@@ -112,10 +126,10 @@ class SemanticVariable:
         self._client.request(Cancel(self.app_id, [self.id], reason), reply=False)
         return True
 
-    def __await__(self) -> Generator[Any, None, str]:
+    def __await__(self) -> Generator[Any, None, Any]:
         return self._wait().__await__()
 
-    async def _wait(self) -> str:
+    async def _wait(self) -> Any:
         self.activate("latency")
         try:
             # Shielded: a cancelled await must not cancel the shared future, only this wait.
@@ -135,7 +149,7 @@ class SemanticVariable:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         if self._state == "done":
-            text = self._future.result()
+            text = self.partial
         elif self._state == "failed":
             text = f"[{self._label()} failed] {self._future.exception()}"
         else:
@@ -211,8 +225,16 @@ class SemanticVariable:
     def _resolve(self, value: str) -> None:
         if not self._future.done():
             self._parts = [value]
+            if self.is_json:
+                try:
+                    result = json.loads(value)
+                except json.JSONDecodeError as exc:  # the engine enforces the schema: this is a bug, say so
+                    self._fail(f"its JSON schema was enforced, yet its text is not JSON ({exc}): {value[:200]!r}")
+                    return
+            else:
+                result = value
             self._state = "done"
-            self._future.set_result(value)
+            self._future.set_result(result)
         self._notify()
 
     def _fail(self, error: str) -> None:

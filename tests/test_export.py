@@ -238,3 +238,16 @@ def test_nbconvert_finds_the_exporter_through_the_declared_entry_point(tmp_path)
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "summarize_documents.py").read_text() == export_file(notebook)
+
+
+def test_a_constraint_naming_a_notebook_object_exports_with_the_pipelines_namespace(tmp_path) -> None:
+    nb = _notebook(
+        new_code_cell('LABELS = ["network", "disk"]'),
+        new_code_cell("%%semantic triage\nIncident: {{input:i}}\nCategory: {{output:c choices=LABELS}}"),
+    )
+    path = _export_to(tmp_path, nb)
+    source = path.read_text()
+    assert "namespace=globals()" in source
+    namespace: dict = {}
+    exec(compile(source, str(path), "exec"), namespace)
+    assert namespace["triage"].sampling("c").choices == ["network", "disk"]

@@ -7,6 +7,7 @@ servers (conftest's ``shared_server`` / ``connected``, or ``%parrot start``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -415,3 +416,20 @@ def test_parrot_alone_prints_usage(ip, capsys):
     assert out.strip() == PARROT_USAGE.strip()
     for command in ("start", "connect", "status", "stop", "disconnect"):
         assert f"%parrot {command}" in out
+
+
+# --------------------------------------------------------------------------- %%semantic: constrained outputs
+
+
+def test_a_constraint_naming_a_notebook_object_resolves_in_the_user_namespace(ip):
+    ip.run_cell('LABELS = ["network", "disk"]\nPLAN = {"type": "array", "items": {"type": "string"}}')
+    fn = _define(ip, "triage", "Incident: {{input:i}}\nCategory: {{output:c choices=LABELS}}\nSteps: {{output:s json=PLAN}}\n")
+    assert fn.sampling("c").choices == ["network", "disk"]
+    assert json.loads(fn.sampling("s").json) == {"type": "array", "items": {"type": "string"}}
+
+
+def test_a_constraint_naming_an_undefined_object_fails_the_cell_naming_the_placeholder(ip, capsys):
+    result = ip.run_cell("%%semantic triage\nIncident: {{input:i}}\nCategory: {{output:c choices=LABELZ}}\n")
+    assert not result.success
+    assert "line 2, column 30: {{output:c choices=LABELZ}}: choices=LABELZ names a Python object, but 'LABELZ' is not defined" in capsys.readouterr().out
+    assert "triage" not in ip.user_ns

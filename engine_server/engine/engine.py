@@ -4,7 +4,8 @@ Requests are *programs*: text to prefill, interleaved with outputs to generate
 (see ``TextSegment``/``GenSegment``). Every ``step()`` is one forward over
   - one new token of every running sequence that is decoding, and
   - chunks of prompt text of the others (chunked prefill), up to a token budget,
-then one sampled token for every sequence whose unprocessed tokens all went in.
+then one sampled token for every sequence whose unprocessed tokens all went in
+(through a token mask when its output is constrained: see ``grammar``).
 New requests join between steps. A request whose prompt starts with a cached
 context (keys on its text segments, a hash chain the manager computes) forks it
 and prefills only the rest. When the pool runs out, unreferenced cached contexts
@@ -14,15 +15,19 @@ freed and it is recomputed later from its tokens, so nothing is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from engine_server.constraints import describe
+
 from .attention import AttentionMetadata, PagedAttention
+from .grammar import Grammars
 from .kv import BlockPool, Context, ContextCache
 from .model import LlamaModel
 from .sampler import Sampler, SamplingParams
@@ -44,10 +49,15 @@ class TextSegment:
 
 @dataclass(frozen=True)
 class GenSegment:
-    """An output, generated at this point of the context."""
+    """An output, generated at this point of the context.
+
+    ``prefix`` is set by the engine, not by callers: the spaces that ended the text before a
+    constrained output, moved into the output (see ``Engine.add``).
+    """
 
     key: str
     params: SamplingParams = field(default_factory=SamplingParams)
+    prefix: str = ""
 
 
 Segment = TextSegment | GenSegment
@@ -133,6 +143,13 @@ class _Output:
     ends: list[int] = field(default_factory=list)  # len(text) after each token
     emitted: int = 0  # chars already streamed
     hold: int = 0  # chars held back because they may begin a stop string
+    matcher: Any = None  # llguidance's state of the output's constraint; consumed every token
+    skip: int = 0  # leading chars of `text` that are the prompt's spaces moved into the output
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated for the output itself: not those that only spell the moved spaces."""
+        return len(self.tokens) - sum(1 for end in self.ends[: self.skip] if end <= self.skip)
 
     def push(self, token: int, text: str) -> None:
         self.tokens.append(token)
@@ -214,6 +231,7 @@ class Engine:
         self._order = 0
         self._pending_events: list[Event] = []  # produced outside step(), returned by the next one
         self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
+        self.grammars = Grammars(tokenizer, mc.vocab_size)
         self.stats = {"steps": 0, "preemptions": 0, "forward_tokens": 0}
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -283,6 +301,9 @@ class Engine:
         before_first_output: int | None = None  # tokens the first output is conditioned on
         for i, seg in enumerate(segments):
             if isinstance(seg, TextSegment):
+                nxt = segments[i + 1] if i + 1 < len(segments) else None
+                if isinstance(nxt, GenSegment) and nxt.params.constraint is not None:
+                    seg, segments[i + 1] = _move_trailing_spaces(seg, nxt)
                 # The opening text is encoded as text that starts a document; later pieces as
                 # continuations (no sentencepiece-style leading space of their own).
                 ids = self._encode(seg.text, first=i == 0)
@@ -292,6 +313,10 @@ class Engine:
                 if before_first_output is None:
                     before_first_output = prompt
                 program.append((seg, []))
+        for seg in segments:
+            if isinstance(seg, GenSegment) and seg.params.constraint is not None:
+                # Compiled now, so a bad one refuses the request.
+                self.grammars.matcher(*seg.params.constraint, seg.prefix)
         max_output = sum(s.params.max_tokens for s in segments if isinstance(s, GenSegment))
         limit = self.model.config.max_seq_len
         if prompt + max_output > limit:
@@ -449,6 +474,9 @@ class Engine:
                 self.tokenizer.incremental_decoder(),
                 start=len(seq.tokens),
                 hold=max((len(s) for s in params.stop), default=1) - 1,
+                matcher=self.grammars.matcher(*params.constraint, seg.prefix) if params.constraint else None,
+                skip=len(seg.prefix),
+                emitted=len(seg.prefix),
             )
             if seq.pending == 0:  # nothing left to run before sampling: recompute the last token
                 self._rewind(seq, len(seq.tokens) - 1)
@@ -680,6 +708,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], events: list[Event]) -> list[int | None]:
         """Next token per sequence (greedy rows batched); a sequence whose sampling fails
         fails alone (None), the others go on."""
+        constrained = [i for i, s in enumerate(seqs) if s.output.matcher is not None]
+        if constrained:
+            logits = self.grammars.apply(logits, constrained, [seqs[i].output.matcher for i in constrained])
         greedy = [i for i, s in enumerate(seqs) if s.output.params.greedy]
         out: list[int | None] = [None] * len(seqs)
         if greedy:
@@ -705,16 +736,24 @@ class Engine:
         if seq.first_token is None:
             seq.first_token = now
         params = out.params
-        if token in self.eos_ids and not params.ignore_eos:
+        if out.matcher is not None and not out.matcher.consume_token(token):
+            self._fail(seq, f"the constrained output could not take token {token}: {out.matcher.get_error()}", events)
+            return
+        # A constrained output ends at EOS even with ignore_eos: its grammar allows EOS only once complete.
+        if token in self.eos_ids and (not params.ignore_eos or out.matcher is not None):
+            if out.matcher is not None:
+                out.matcher.rollback(1)  # the matcher then holds exactly the output's tokens, as after a stop
             self._finish_output(seq, "eos", None, events)
             return
         old_len = len(out.text)
         out.push(token, out.decoder.push(token))
         seq.tokens.append(token)
-        stop_at = _find_stop(out.text, old_len, params.stop)
+        stop_at = _find_stop(out.text, old_len, params.stop, out.skip)
         if stop_at is not None:
             self._finish_output(seq, "stop", stop_at, events)
-        elif len(out.tokens) == params.max_tokens:
+        elif out.matcher is not None and out.matcher.is_stopped():  # the constraint is complete: nothing may follow
+            self._finish_output(seq, "stop", None, events)
+        elif out.generated == params.max_tokens:
             self._finish_output(seq, "length", None, events)
         else:
             self._emit(seq, len(out.text) - out.hold, events)
@@ -724,7 +763,7 @@ class Engine:
         if stop_at is None:
             old_len = len(out.text)
             out.flush(out.decoder.flush())
-            stop_at = _find_stop(out.text, old_len, out.params.stop)
+            stop_at = _find_stop(out.text, old_len, out.params.stop, out.skip)
             if stop_at is not None:
                 reason = "stop"
         if stop_at is not None:
@@ -732,6 +771,8 @@ class Engine:
             # A token that straddles the stop's start is dropped, but the text it carried
             # before the stop is kept (it may have been streamed already): re-encode it.
             tail = out.text[(out.ends[n - 1] if n else 0) : stop_at]
+            if out.matcher is not None:
+                out.matcher.rollback(len(out.tokens) - n)
             del out.tokens[n:]
             out.text = out.text[:stop_at]
             # Roll back so the context holds exactly the kept output.
@@ -741,9 +782,21 @@ class Engine:
                 tail_ids = self._encode(tail, first=False)
                 out.tokens.extend(tail_ids)
                 seq.tokens.extend(tail_ids)
+                if out.matcher is not None:
+                    out.matcher.consume_tokens(tail_ids)
+        if out.matcher is not None and not (out.matcher.is_accepting() and not out.matcher.is_error()):
+            how = {"length": f"at max_tokens={out.params.max_tokens}", "stop": "at a stop string", "eos": "at EOS"}[reason]
+            fix = "raise max_tokens" if reason == "length" else "remove the stop strings that can occur inside it"
+            self._fail(
+                seq,
+                f"a constrained output ended {how} before its {describe(*out.params.constraint)} was satisfied, "
+                f"with {_shorten(out.text[out.skip :])!r}; {fix}",
+                events,
+            )
+            return
         self._emit(seq, len(out.text), events)
-        seq.outputs[out.key] = out.text
-        seq.output_tokens[out.key] = len(out.tokens)
+        seq.outputs[out.key] = out.text[out.skip :]
+        seq.output_tokens[out.key] = out.generated
         seq.finish_reasons[out.key] = reason
         seq.output = None
         self._advance(seq)
@@ -774,6 +827,26 @@ class Engine:
         )  # fmt: skip
 
 
+def _move_trailing_spaces(text: TextSegment, output: GenSegment) -> tuple[TextSegment, GenSegment]:
+    """Move the spaces that end ``text`` into the constrained ``output`` that follows it.
+
+    Tokenizers of the GPT-2 and sentencepiece families put a word's space in front of it
+    (" billing" is one token); a prompt that ends in a space leaves the model a context it
+    rarely saw, and a constraint then forbids it to recover. So the output's grammar starts
+    with those spaces, the model writes " billing" as it would, and the spaces are not part
+    of the output's value. The text loses its context key: its tokens no longer end where
+    the key's hash says.
+    """
+    stripped = text.text.rstrip(" ")
+    if stripped == text.text or not stripped:
+        return text, output
+    return TextSegment(stripped), dataclasses.replace(output, prefix=text.text[len(stripped) :])
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _cumsum(xs: list[int]) -> list[int]:
     out = [0]
     for x in xs:
@@ -781,11 +854,12 @@ def _cumsum(xs: list[int]) -> list[int]:
     return out
 
 
-def _find_stop(text: str, old_len: int, stops: tuple[str, ...]) -> int | None:
+def _find_stop(text: str, old_len: int, stops: tuple[str, ...], floor: int = 0) -> int | None:
     """Where the earliest stop string in `text` starts, given none was in text[:old_len].
 
-    A new match must end in the new text, so each search starts len(stop) - 1 chars before it.
+    A new match must end in the new text, so each search starts len(stop) - 1 chars before it,
+    and not before `floor` (the output's own text starts there).
     """
-    hits = [text.find(s, max(0, old_len - len(s) + 1)) for s in stops]
+    hits = [text.find(s, max(floor, old_len - len(s) + 1)) for s in stops]
     hits = [h for h in hits if h >= 0]
     return min(hits) if hits else None

@@ -146,6 +146,10 @@ class HFTokenizer:
             extra_eos_ids=extra_eos,
         )
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer as ``tokenizer.json`` text (what the grammar engine builds its vocabulary from)."""
+        return self._tok.to_str()
+
     def add_eos_token(self, token: str) -> None:
         """Also end generation at special token `token` (a chat template's end-of-turn), if it is one."""
         token_id = self._tok.token_to_id(token) if token else None

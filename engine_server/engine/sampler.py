@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_server.protocol import check_sampling_option
+from engine_server.protocol import check_one_constraint, check_sampling_option, is_unset
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,9 @@ class SamplingParams:
     temperature 0 means greedy; top_k 0 and top_p 1.0 switch those filters off.
     Generation ends at max_tokens, at EOS (unless ignore_eos), or where one of
     the `stop` strings appears (the output then ends just before it). A given
-    `seed` makes sampling reproducible.
+    `seed` makes sampling reproducible. One of `choices`, `regex` and `json` (a
+    JSON schema's text) constrains the output: only tokens that keep it inside
+    the constraint are drawn, and it ends when the constraint is complete.
     """
 
     max_tokens: int = 64
@@ -28,6 +30,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    choices: tuple[str, ...] = ()
+    regex: str | None = None
+    json: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -35,12 +40,24 @@ class SamplingParams:
         # The protocol's rulebook, the same one the notebook and the manager apply.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "seed" and value is None:
+            if is_unset(f.name, value):
+                if f.name in ("stop", "choices"):
+                    object.__setattr__(self, f.name, ())
                 continue
             try:
                 object.__setattr__(self, f.name, check_sampling_option(f.name, value))
             except TypeError as exc:
                 raise ValueError(str(exc)) from None
+        check_one_constraint({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @property
+    def constraint(self) -> tuple[str, object] | None:
+        """``(key, value)`` of the output's constraint (engine_server/constraints.py), or None."""
+        for key in ("choices", "regex", "json"):
+            value = getattr(self, key)
+            if not is_unset(key, value):
+                return key, value
+        return None
 
     @property
     def greedy(self) -> bool:

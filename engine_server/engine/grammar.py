@@ -1,0 +1,106 @@
+"""Token masks for constrained outputs (choices, regex, JSON schema), built with llguidance.
+
+One ``Grammars`` per engine: it turns the engine's tokenizer into llguidance's once, compiles
+each constraint once (an LRU keyed by the constraint; a new output gets a cheap copy of the
+compiled matcher), and masks a batch's logits. The mask is applied to the logits that the
+model (or a CUDA-graph replay) returned, before sampling: the graph is not touched, the mask
+is one more input to the sampling step.
+
+Masks are computed on the CPU into a bitmask (32 tokens per int32), copied to the logits'
+device and unpacked there. On CUDA the forward pass is launched before the masks are
+computed, so the CPU builds them while the GPU runs the model.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from engine_server.constraints import ConstraintError, describe, grammar
+
+CACHE_SIZE = 256  # compiled constraints kept per engine
+
+
+class Grammars:
+    """Compiled constraints for one tokenizer and vocabulary, and the masks they put on logits."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, capacity: int = CACHE_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the logits' width (the model's, may exceed the tokenizer's)
+        self.capacity = capacity
+        self._ll_tokenizer = None
+        self._compiled: OrderedDict[tuple[str, Any, str], Any] = OrderedDict()
+        self.compiled = 0  # constraints compiled (cache misses)
+        self._shifts: dict[torch.device, torch.Tensor] = {}
+
+    def matcher(self, key: str, value: Any, prefix: str = "") -> Any:
+        """A fresh llguidance matcher at the start of constraint ``(key, value)``, after the forced ``prefix``.
+
+        Raises ``ConstraintError`` when the constraint does not compile for this tokenizer.
+        """
+        cache_key = (key, value, prefix)
+        compiled = self._compiled.get(cache_key)
+        if compiled is None:
+            from llguidance import LLMatcher
+
+            compiled = LLMatcher(self._tokenizer(), grammar(key, value, prefix), log_level=0)
+            if compiled.is_error():
+                raise ConstraintError(f"{describe(key, value)} does not compile: {compiled.get_error()}")
+            self.compiled += 1
+            self._compiled[cache_key] = compiled
+            while len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(cache_key)
+        return compiled.deep_copy()
+
+    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
+        """``logits`` [n, vocab] with every token that ``matchers[i]`` forbids set to -inf in ``rows[i]``.
+
+        Returns a new tensor (the input may be a CUDA graph's output buffer).
+        """
+        from llguidance.torch import fill_next_token_bitmask
+
+        words = (self.vocab_size + 31) // 32
+        bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=logits.is_cuda)
+        for i, m in enumerate(matchers):
+            fill_next_token_bitmask(m, bitmask, i)
+        bits = bitmask.to(logits.device, non_blocking=True)
+        shifts = self._shifts.get(logits.device)
+        if shifts is None:
+            shifts = self._shifts[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), words * 32)[:, : logits.shape[-1]].bool()
+        out = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = out[index].masked_fill(~allowed, float("-inf"))
+        return out
+
+    def _tokenizer(self) -> Any:
+        """llguidance's view of the engine's tokenizer, built on first use (about 0.5 s for 50k tokens)."""
+        if self._ll_tokenizer is None:
+            from llguidance import LLTokenizer, TokenizerWrapper
+
+            tok = self.tokenizer
+            eos = sorted(getattr(tok, "eos_ids", None) or {tok.eos_id})
+            if hasattr(tok, "tokenizer_json"):
+                self._ll_tokenizer = LLTokenizer(tok.tokenizer_json(), n_vocab=self.vocab_size, eos_token=eos)
+            else:
+                vocabulary = TokenizerWrapper(_ByteVocabulary(tok))
+                self._ll_tokenizer = LLTokenizer(vocabulary, n_vocab=self.vocab_size, eos_token=eos)
+        return self._ll_tokenizer
+
+
+class _ByteVocabulary:
+    """The byte tokenizer (tokenizer.ByteTokenizer) in the shape llguidance's TokenizerWrapper reads."""
+
+    def __init__(self, tok: Any) -> None:
+        specials = {tok.bos_id: b"<s>", tok.eos_id: b"</s>", tok.pad_id: b"<pad>"}
+        self.eos_token_id = tok.eos_id
+        self.bos_token_id = tok.bos_id
+        self.tokens = [bytes([i]) if i < 256 else specials.get(i, b"") for i in range(tok.vocab_size)]
+        self.special_token_ids = sorted(specials)
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return list(text.encode("utf-8") if isinstance(text, str) else text)
