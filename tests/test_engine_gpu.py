@@ -101,3 +101,43 @@ def test_bf16_engine_runs_on_cuda_with_graphs():
     engine.warmup()
     result = engine.run([TextSegment("Hello"), GenSegment("a", SamplingParams(max_tokens=16, ignore_eos=True))])
     assert result.output_tokens["a"] == 16
+
+
+def test_constrained_outputs_decode_through_cuda_graph_replays():
+    """The mask is applied to the logits a replay returns: the graphs stay as captured."""
+    import json
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+    checks = [
+        ({"choices": "network|disk|certificate"}, lambda s: s in ("network", "disk", "certificate")),
+        ({"regex": "[0-9]{3}-[a-z]{2,4}"}, lambda s: re.fullmatch("[0-9]{3}-[a-z]{2,4}", s)),
+        ({"json": schema}, lambda s: jsonschema.validate(json.loads(s), schema) is None),
+        ({"choices": "yes|no", "temperature": 1.0, "seed": 7}, lambda s: s in ("yes", "no")),
+    ]
+    m = build_tiny_model(seed=0, device="cuda", dtype=torch.float32)
+    engine = Engine(m, ByteTokenizer(), EngineConfig(num_blocks=256, max_running=16, cuda_graphs=True))
+    engine.graphs.capture()
+    replays = 0
+    run = engine.graphs.run
+
+    def counted(*args, **kwargs):
+        nonlocal replays
+        replays += 1
+        return run(*args, **kwargs)
+
+    engine.graphs.run = counted
+    for i, (options, _) in enumerate(checks):
+        engine.add(f"r{i}", [TextSegment(f"Item {i}: "), GenSegment("a", SamplingParams(max_tokens=64, **options))])
+    results = {}
+    while engine.has_work():
+        for event in engine.step():
+            assert not hasattr(event, "error"), event.error
+            if hasattr(event, "result"):
+                results[event.request_id] = event.result.outputs["a"]
+    for i, (_, check) in enumerate(checks):
+        assert check(results[f"r{i}"]), results[f"r{i}"]
+    assert replays > 5

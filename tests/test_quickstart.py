@@ -60,3 +60,17 @@ def test_the_widgets_show_text_in_a_terminal_and_pictures_in_the_html_copy(quick
     svg = next((image for image in images if "<title>DAG of every application</title>" in image), "")
     assert "combine" in svg and svg.count("#a5d6a7") == 1 + 12  # the legend's swatch, and 12 nodes drawn "done"
     assert re.search(r"""<table class=["']parrot-nb-stats["']>""", page) and "<td>map-reduce</td>" in page
+
+
+@pytest.mark.timeout(900)
+def test_the_structured_outputs_are_a_label_from_the_list_and_a_parsed_dict(quickstart) -> None:
+    import ast
+
+    outputs = _outputs(quickstart)
+    lines = [line for line in outputs["tickets = ["].splitlines() if line]
+    assert len(lines) == 3 and all(line.split()[0] in ("billing", "technical", "account", "shipping") for line in lines)
+    fields = ast.literal_eval(outputs['with parrot_nb.app("triage"):'])
+    assert set(fields) == {"category", "urgent"} and fields["category"] in ("billing", "technical", "account", "shipping")
+    assert isinstance(fields["urgent"], bool)
+    status = outputs["%parrot status"]
+    assert "app triage: 3 requests, 3 done, 0 failed" in status and "app triage: 1 requests, 1 done, 0 failed" in status
