@@ -6,9 +6,10 @@ compiled matcher), and masks a batch's logits. The mask is applied to the logits
 model (or a CUDA-graph replay) returned, before sampling: the graph is not touched, the mask
 is one more input to the sampling step.
 
-Masks are computed on the CPU into a bitmask (32 tokens per int32), copied to the logits'
-device and unpacked there. On CUDA the forward pass is launched before the masks are
-computed, so the CPU builds them while the GPU runs the model.
+Masks are computed on the CPU into a bitmask (32 tokens per int32; a batch's masks on
+llguidance's thread pool) and unpacked where the logits are: on the GPU after a copy from
+pinned memory, on a CPU with numpy. On CUDA the forward pass is launched before the masks
+are computed, so the CPU builds them while the GPU runs the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine_server.constraints import ConstraintError, describe, grammar
@@ -60,26 +62,29 @@ class Grammars:
     def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
         """``logits`` [n, vocab] with every token that ``matchers[i]`` forbids set to -inf in ``rows[i]``.
 
-        Returns a new tensor (the input may be a CUDA graph's output buffer).
+        Returns a new tensor (the input may be a CUDA graph's output buffer). One bitmask covers
+        every row (all bits set in the unconstrained ones), so the masking is one ``masked_fill``,
+        and nothing here waits for the GPU: the bitmask goes over from pinned memory.
         """
+        n, vocab = logits.shape
+        words = (self.vocab_size + 31) // 32
+        bitmask = torch.full((n, words), -1, dtype=torch.int32, pin_memory=logits.is_cuda)
         # llguidance writes the masks straight into the tensor's memory (what llguidance.torch's helpers
         # do; that module is not imported: its torch.compile decorator costs seconds at import).
-        words = (self.vocab_size + 31) // 32
-        bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=logits.is_cuda)
         if len(matchers) == 1:
-            matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
-        else:  # llguidance's thread pool, without the GIL: a batch's masks in about the time of one
-            targets = [(m, i) for i, m in enumerate(matchers)]
-            self._executor().unsafe_compute_mask_ptr(targets, bitmask.data_ptr(), words * 4, len(rows))
-        bits = bitmask.to(logits.device, non_blocking=True)
-        shifts = self._shifts.get(logits.device)
-        if shifts is None:
-            shifts = self._shifts[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(rows), words * 32)[:, : logits.shape[-1]].bool()
-        out = logits.clone()
-        index = torch.tensor(rows, device=logits.device)
-        out[index] = out[index].masked_fill(~allowed, float("-inf"))
-        return out
+            matchers[0].unsafe_compute_mask_ptr(bitmask[rows[0]].data_ptr(), words * 4)
+        else:  # llguidance's thread pool, without the GIL
+            self._executor().unsafe_compute_mask_ptr(list(zip(matchers, rows)), bitmask.data_ptr(), words * 4, n)
+        if logits.is_cuda:
+            shifts = self._shifts.get(logits.device)
+            if shifts is None:
+                shifts = self._shifts[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+            bits = bitmask.to(logits.device, non_blocking=True)
+            forbidden = ((bits.unsqueeze(-1) >> shifts) & 1).view(n, words * 32)[:, :vocab] == 0
+        else:
+            unpacked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+            forbidden = torch.from_numpy(unpacked == 0)
+        return logits.masked_fill(forbidden, float("-inf"))
 
     def _executor(self) -> Any:
         if self._pool is None:
