@@ -410,3 +410,18 @@ def test_a_keyed_prompt_ending_in_a_space_is_not_forked_into_a_constrained_outpu
     engine.run([TextSegment("Shared: ", "k-shared"), GenSegment("a", SamplingParams(max_tokens=4))])  # caches k-shared
     again = engine.run(program)
     assert again.outputs["a"] == fresh and again.cached_tokens == 0
+
+
+def test_a_busy_constraint_gets_more_compiled_roots_and_a_quiet_one_compiles_once(tok):
+    """Copies of one compiled matcher compute their masks one at a time (a shared lexer lock), so a
+    constraint that many running sequences use is compiled again, up to ROOTS times."""
+    from engine_server.engine.grammar import OUTPUTS_PER_ROOT, ROOTS, Grammars
+
+    grammars = Grammars(tok, 259)
+    for _ in range(5):
+        grammars.matcher("choices", ("a", "b"))
+    assert grammars.compiled == 1
+    for running in range(ROOTS * OUTPUTS_PER_ROOT + 10):
+        matcher = grammars.matcher("choices", ("a", "b"), running=running)
+        assert matcher.consume_tokens([ord("a")]) and matcher.is_accepting()
+    assert grammars.compiled == ROOTS

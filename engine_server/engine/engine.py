@@ -474,7 +474,11 @@ class Engine:
                 self.tokenizer.incremental_decoder(),
                 start=len(seq.tokens),
                 hold=max((len(s) for s in params.stop), default=1) - 1,
-                matcher=self.grammars.matcher(*params.constraint, seg.prefix) if params.constraint else None,
+                matcher=(
+                    self.grammars.matcher(*params.constraint, seg.prefix, len(self.running))
+                    if params.constraint
+                    else None
+                ),
                 skip=len(seg.prefix),
                 emitted=len(seg.prefix),
             )
