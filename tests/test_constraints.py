@@ -425,3 +425,13 @@ def test_a_busy_constraint_gets_more_compiled_roots_and_a_quiet_one_compiles_onc
         matcher = grammars.matcher("choices", ("a", "b"), running=running)
         assert matcher.consume_tokens([ord("a")]) and matcher.is_accepting()
     assert grammars.compiled == ROOTS
+
+
+def test_a_batch_of_outputs_with_one_constraint_spreads_over_several_roots(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=512, max_running=32))
+    for i in range(24):
+        engine.add(f"r{i}", [TextSegment(f"Item {i}: "), GenSegment("a", SamplingParams(choices="yes|no"))])
+    while engine.has_work():
+        for event in engine.step():
+            assert not isinstance(event, Failed), event.error
+    assert engine.grammars.compiled == 3  # one root, then one more per 8 sequences held

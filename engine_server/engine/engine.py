@@ -475,7 +475,7 @@ class Engine:
                 start=len(seq.tokens),
                 hold=max((len(s) for s in params.stop), default=1) - 1,
                 matcher=(
-                    self.grammars.matcher(*params.constraint, seg.prefix, len(self.running))
+                    self.grammars.matcher(*params.constraint, seg.prefix, len(self.running) + len(self.waiting))
                     if params.constraint
                     else None
                 ),

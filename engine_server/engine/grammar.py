@@ -47,7 +47,7 @@ class Grammars:
     def matcher(self, key: str, value: Any, prefix: str = "", running: int = 0) -> Any:
         """A fresh llguidance matcher at the start of constraint ``(key, value)``, after the forced ``prefix``.
 
-        ``running``: how many sequences the engine runs (more roots for a busy engine).
+        ``running``: how many sequences the engine holds, running or waiting (more roots for a busy engine).
         Raises ``ConstraintError`` when the constraint does not compile for this tokenizer.
         """
         cache_key = (key, value, prefix)
