@@ -25,10 +25,11 @@ from engine_server.constraints import ConstraintError, describe, grammar
 CACHE_SIZE = 256  # compiled constraints kept per engine
 # Copies of one compiled matcher share its lexer behind a lock, so their masks are computed one
 # at a time even on llguidance's thread pool (H200 host, 64 JSON outputs: 5.9 ms from one root,
-# 1.9 ms from 8). A constraint gets up to ROOTS compiled roots, one more per OUTPUTS_PER_ROOT
-# sequences running, and each new output copies the next root in turn.
+# 1.9 ms from 8). So while other sequences are in the engine, each new output copies the next of
+# ROOTS compiled roots in turn (a root is compiled when its turn first comes): neighbouring rows
+# of a batch then hold different locks. An engine with nothing else in it uses the first root
+# only, so a constraint used one request at a time is compiled once.
 ROOTS = 8
-OUTPUTS_PER_ROOT = 8
 
 
 class Grammars:
@@ -40,7 +41,7 @@ class Grammars:
         self.capacity = capacity
         self._ll_tokenizer = None
         self._compiled: OrderedDict[tuple[str, Any, str], _Roots] = OrderedDict()
-        self.compiled = 0  # grammar compilations (cache misses, and the extra roots of busy constraints)
+        self.compiled = 0  # grammar compilations (cache misses, and the other roots of a busy engine)
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._pool = None  # llguidance's LLExecutor, made when a step first has two constrained rows
 
@@ -58,10 +59,11 @@ class Grammars:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(cache_key)
-        wanted = min(ROOTS, 1 + running // OUTPUTS_PER_ROOT)
-        if len(roots.matchers) < wanted:
+        if running == 0:
+            return roots.matchers[0].deep_copy()
+        roots.turn = (roots.turn + 1) % ROOTS
+        if roots.turn == len(roots.matchers):
             roots.matchers.append(self._compile(key, value, prefix))
-        roots.turn = (roots.turn + 1) % len(roots.matchers)
         return roots.matchers[roots.turn].deep_copy()
 
     def _compile(self, key: str, value: Any, prefix: str) -> Any:
