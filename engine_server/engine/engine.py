@@ -27,7 +27,7 @@ import torch
 from engine_server.constraints import describe
 
 from .attention import AttentionMetadata, PagedAttention
-from .grammar import Grammars, Masks
+from .grammar import Grammars
 from .kv import BlockPool, Context, ContextCache
 from .model import LlamaModel
 from .sampler import Sampler, SamplingParams
@@ -436,12 +436,11 @@ class Engine:
             decode = [(s, n) for s, n in batch if s.pending == 1 and s.output is not None]
             prefill = [(s, n) for s, n in batch if not (s.pending == 1 and s.output is not None)]
             ordered = decode + prefill
-            masks = self._start_masks(ordered)
             logits, sampling = self._forward(ordered, len(decode))
             for seq, n in ordered:
                 seq.num_computed += n
                 self._register_contexts(seq)
-            for seq, token in zip(sampling, self._sample(logits, sampling, events, masks)):
+            for seq, token in zip(sampling, self._sample(logits, sampling, events)):
                 if token is not None:
                     self._on_token(seq, token, events)
         self._pending_events = []
@@ -710,23 +709,12 @@ class Engine:
             return None
         return plan
 
-    def _start_masks(self, batch: list[tuple[_Sequence, int]]) -> Masks | None:
-        """The constrained outputs' token masks for this step's sampled rows (the rows ``_forward``
-        picks: sequences whose unprocessed tokens all go in), started before the forward pass."""
-        sampling = [s for s, n in batch if s.num_computed + n == len(s.tokens) and s.output is not None]
-        rows = [i for i, s in enumerate(sampling) if s.output.matcher is not None]
-        if not rows:
-            return None
-        matchers = [sampling[i].output.matcher for i in rows]
-        return self.grammars.masks(len(sampling), rows, matchers, background=self.device.type == "cuda")
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[_Sequence], events: list[Event], masks: Masks | None
-    ) -> list[int | None]:
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], events: list[Event]) -> list[int | None]:
         """Next token per sequence (greedy rows batched); a sequence whose sampling fails
         fails alone (None), the others go on."""
-        if masks is not None:
-            logits = self.grammars.apply(logits, masks)
+        constrained = [i for i, s in enumerate(seqs) if s.output.matcher is not None]
+        if constrained:
+            logits = self.grammars.apply(logits, constrained, [seqs[i].output.matcher for i in constrained])
         greedy = [i for i, s in enumerate(seqs) if s.output.params.greedy]
         out: list[int | None] = [None] * len(seqs)
         if greedy:

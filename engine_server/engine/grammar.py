@@ -8,16 +8,13 @@ is one more input to the sampling step.
 
 Masks are computed on the CPU into a bitmask (32 tokens per int32; a batch's masks on
 llguidance's thread pool) and unpacked where the logits are: on the GPU after a copy from
-pinned memory, on a CPU with numpy. On CUDA the masks are started on a thread of their own
-before the forward pass is launched (they depend only on the tokens already sampled), so the
-CPU builds them while it launches the model and the GPU runs it.
+pinned memory, on a CPU with numpy. On CUDA the forward pass is launched before the masks
+are computed, so the CPU builds them while the GPU runs the model.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +44,6 @@ class Grammars:
         self.compiled = 0  # grammar compilations (cache misses, and the other roots of a busy engine)
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._pool = None  # llguidance's LLExecutor, made when a step first has two constrained rows
-        self._thread: ThreadPoolExecutor | None = None  # computes masks while a CUDA forward is launched
 
     def matcher(self, key: str, value: Any, prefix: str = "", running: int = 0) -> Any:
         """A fresh llguidance matcher at the start of constraint ``(key, value)``, after the forced ``prefix``.
@@ -79,41 +75,22 @@ class Grammars:
         self.compiled += 1
         return compiled
 
-    def masks(self, n: int, rows: list[int], matchers: list[Any], background: bool = False) -> Masks:
-        """Start computing the masks of a step's ``n`` sampled rows: ``matchers[i]`` constrains ``rows[i]``.
-
-        With ``background`` (CUDA), llguidance works on a thread of its own while the caller
-        launches the forward pass; ``apply`` waits for it. The matchers must not change meanwhile.
-        """
-        words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((n, words), -1, dtype=torch.int32, pin_memory=background)
-
-        # llguidance writes the masks straight into the tensor's memory (what llguidance.torch's helpers
-        # do; that module is not imported: its torch.compile decorator costs seconds at import).
-        def fill() -> torch.Tensor:
-            if len(matchers) == 1:
-                matchers[0].unsafe_compute_mask_ptr(bitmask[rows[0]].data_ptr(), words * 4)
-            else:  # llguidance's thread pool, without the GIL
-                self._executor().unsafe_compute_mask_ptr(list(zip(matchers, rows)), bitmask.data_ptr(), words * 4, n)
-            return bitmask
-
-        if not background:
-            done: Future[torch.Tensor] = Future()
-            done.set_result(fill())
-            return Masks(done, words)
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        return Masks(self._thread.submit(fill), words)
-
-    def apply(self, logits: torch.Tensor, masks: Masks) -> torch.Tensor:
-        """``logits`` [n, vocab] with every token its row's matcher forbids set to -inf.
+    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
+        """``logits`` [n, vocab] with every token that ``matchers[i]`` forbids set to -inf in ``rows[i]``.
 
         Returns a new tensor (the input may be a CUDA graph's output buffer). One bitmask covers
         every row (all bits set in the unconstrained ones), so the masking is one ``masked_fill``,
         and nothing here waits for the GPU: the bitmask goes over from pinned memory.
         """
         n, vocab = logits.shape
-        bitmask, words = masks.future.result(), masks.words
+        words = (self.vocab_size + 31) // 32
+        bitmask = torch.full((n, words), -1, dtype=torch.int32, pin_memory=logits.is_cuda)
+        # llguidance writes the masks straight into the tensor's memory (what llguidance.torch's helpers
+        # do; that module is not imported: its torch.compile decorator costs seconds at import).
+        if len(matchers) == 1:
+            matchers[0].unsafe_compute_mask_ptr(bitmask[rows[0]].data_ptr(), words * 4)
+        else:  # llguidance's thread pool, without the GIL
+            self._executor().unsafe_compute_mask_ptr(list(zip(matchers, rows)), bitmask.data_ptr(), words * 4, n)
         if logits.is_cuda:
             shifts = self._shifts.get(logits.device)
             if shifts is None:
@@ -167,11 +144,3 @@ class _Roots:
     def __init__(self, matchers: list[Any]) -> None:
         self.matchers = matchers
         self.turn = 0
-
-
-@dataclass
-class Masks:
-    """A step's bitmask (32 tokens per int32, one row per sampled sequence), being computed."""
-
-    future: Future
-    words: int
