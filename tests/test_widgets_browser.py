@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium")
 TOKEN = "parrot-nb-browser-test"
-# The quickstart's requests: the chain (2), the map-reduce (4) and the completion made after
-# the DAG is displayed, which must appear in it live (1).
-REQUESTS = 7
+# The quickstart's requests: the chain (2), the map-reduce (4), and those made after the DAG is
+# displayed, which must appear in it live: the completion (1) and the structured outputs (3 + 1).
+REQUESTS = 11
 
 
 def _free_port() -> int:
