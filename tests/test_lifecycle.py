@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
@@ -179,7 +179,18 @@ def test_cancel_reply_names_what_it_stopped(shared_server) -> None:
         raw.close()
 
 
-def test_interrupting_get_cancels_the_variable(connected) -> None:
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal or a kernel, even where this run was started
+    with SIGINT ignored (a job started in the background by a shell inherits that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupting_get_cancels_the_variable(connected, sigint_raises) -> None:
     out = _running(name="interrupted")
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
@@ -213,7 +224,7 @@ async def _await(var) -> str:
     return await var
 
 
-def test_interrupting_a_cell_that_displays_a_variable_cancels_it(connected, ipython_shell) -> None:
+def test_interrupting_a_cell_that_displays_a_variable_cancels_it(connected, ipython_shell, sigint_raises) -> None:
     out = _running(name="displayed")
     ipython_shell.user_ns["displayed_var"] = out
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
