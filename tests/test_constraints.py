@@ -436,4 +436,17 @@ def test_a_batch_of_outputs_with_one_constraint_spreads_over_several_roots(model
             assert not isinstance(event, Failed), event.error
     from engine_server.engine.grammar import ROOTS
 
-    assert engine.grammars.compiled == ROOTS  # the first request alone: one root; the others take turns
+    assert engine.grammars.compiled == min(24, ROOTS)  # the first request alone: one root; the others take turns
+
+
+def test_compiled_roots_are_bounded_in_all_by_dropping_the_least_recently_used_constraints(tok, monkeypatch):
+    from engine_server.engine import grammar
+
+    monkeypatch.setattr(grammar, "ROOTS", 4)
+    monkeypatch.setattr(grammar, "MAX_COMPILED", 6)
+    grammars = grammar.Grammars(tok, 259)
+    for choices in (("a", "b"), ("c", "d")):
+        for running in range(4):
+            grammars.matcher("choices", choices, running=running)
+    assert [len(r.matchers) for r in grammars._compiled.values()] == [4]  # (a, b) went to make room
+    assert grammars.matcher("choices", ("c", "d")).consume_tokens([ord("c")])
