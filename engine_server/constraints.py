@@ -22,10 +22,7 @@ import functools
 import json
 from typing import Any
 
-from engine_server.protocol import describe_value
-
-#: The options that constrain an output; at most one per output.
-CONSTRAINT_KEYS: tuple[str, ...] = ("choices", "regex", "json")
+from engine_server.protocol import CONSTRAINT_OPTIONS, describe_value
 
 #: How a JSON output is written: separators as people write JSON, no free whitespace (a small
 #: model given free whitespace spends its tokens on it).
@@ -73,7 +70,7 @@ def normalize(key: str, value: object) -> Any:
         schema = _schema_text(value)
         _check_compiles("json", schema)
         return schema
-    raise ValueError(f"unknown constraint {key!r}; constraints are {', '.join(CONSTRAINT_KEYS)}")
+    raise ValueError(f"unknown constraint {key!r}; constraints are {', '.join(CONSTRAINT_OPTIONS)}")
 
 
 def grammar(key: str, value: Any, prefix: str = "") -> str:

@@ -100,6 +100,9 @@ Perf = Literal["latency", "throughput"]
 VarStateName = Literal["pending", "running", "done", "failed"]
 
 
+#: The sampling options that constrain an output (engine_server/constraints.py); at most one is set.
+CONSTRAINT_OPTIONS: tuple[str, ...] = ("choices", "regex", "json")
+
 #: Seeds are 64-bit signed integers, as every sampler and wire format we meet takes them.
 MAX_SEED = 2**63 - 1
 
@@ -144,7 +147,7 @@ def check_sampling_option(key: str, value: object) -> object:
         if any(s == "" for s in items):
             raise ValueError(f"option 'stop' must be {expected}, got an empty string")
         return tuple(items)
-    if key in ("choices", "regex", "json"):
+    if key in CONSTRAINT_OPTIONS:
         from engine_server import constraints  # llguidance is imported only when a constraint is used
 
         return constraints.normalize(key, value)
@@ -195,7 +198,7 @@ def is_unset(key: str, value: object) -> bool:
 
 def check_one_constraint(options: dict[str, object]) -> None:
     """Raise ``ValueError`` when more than one of choices, regex and json is set."""
-    given = [k for k in ("choices", "regex", "json") if k in options and not is_unset(k, options[k])]
+    given = [k for k in CONSTRAINT_OPTIONS if k in options and not is_unset(k, options[k])]
     if len(given) > 1:
         raise ValueError(
             f"options {given[0]!r} and {given[1]!r} both constrain the output; give one of choices, regex and json"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from engine_server.protocol import (
+    CONSTRAINT_OPTIONS,
     ChunkSpec,
     ErrorReply,
     FunctionSpec,
@@ -23,7 +24,6 @@ from engine_server.protocol import (
 from parrot_nb import session
 from parrot_nb.app import current_app_name
 from parrot_nb.template import (
-    NAMED_OPTIONS,
     FrozenOptions,
     InputChunk,
     NameRef,
@@ -102,8 +102,8 @@ class SemanticFunction:
         """The sampling settings of ``output``: its placeholder's, else the function's defaults."""
         chunk = next(c for c in self.parsed.chunks if isinstance(c, OutputChunk) and c.name == output)
         defaults = self.defaults
-        if any(k in NAMED_OPTIONS for k in chunk.options):  # the placeholder's constraint replaces the default one
-            defaults = {k: v for k, v in defaults.items() if k not in NAMED_OPTIONS}
+        if any(k in CONSTRAINT_OPTIONS for k in chunk.options):  # the placeholder's constraint replaces the default one
+            defaults = {k: v for k, v in defaults.items() if k not in CONSTRAINT_OPTIONS}
         options = {**defaults, **dict(chunk.options)}
         for key in ("stop", "choices"):
             if key in options:

@@ -45,7 +45,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from engine_server.protocol import SAMPLING_OPTIONS, check_one_constraint, check_sampling_option, describe_value
+from engine_server.protocol import (
+    CONSTRAINT_OPTIONS,
+    SAMPLING_OPTIONS,
+    check_one_constraint,
+    check_sampling_option,
+    describe_value,
+)
 
 __all__ = [
     "NameRef",
@@ -66,8 +72,6 @@ __all__ = [
 #: The per-output settings a placeholder (or a function-wide default) may set.
 OPTION_KEYS: frozenset[str] = SAMPLING_OPTIONS
 
-#: The options whose value may name a Python object (``json=Plan``).
-NAMED_OPTIONS: frozenset[str] = frozenset({"choices", "regex", "json"})
 _KINDS = ("input", "output", "role")
 #: The roles a chat function's ``{{role:...}}`` markers may name (assistant turns are outputs).
 ROLES = ("system", "user")
@@ -621,7 +625,7 @@ class _Scanner:
             options[key] = checked
         if kind == "input":
             return InputChunk(name)
-        constraints = [k for k in option_at if k in NAMED_OPTIONS]
+        constraints = [k for k in option_at if k in CONSTRAINT_OPTIONS]
         if len(constraints) > 1:
             raise self._error(
                 option_at[constraints[1]],
@@ -705,7 +709,7 @@ class _Scanner:
         value = _parse_bare(token)
         if value is not None:
             return key, value, False, i
-        if key in NAMED_OPTIONS and _PYTHON_NAME_RE.match(token):
+        if key in CONSTRAINT_OPTIONS and _PYTHON_NAME_RE.match(token):  # json=Plan: a Python object
             line, column = self._position(value_start)
             return key, NameRef(token, line, column, raw), False, i
         raise self._error(

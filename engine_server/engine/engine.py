@@ -316,7 +316,7 @@ class Engine:
         for seg in segments:
             if isinstance(seg, GenSegment) and seg.params.constraint is not None:
                 # Compiled now, so a bad one refuses the request.
-                self.grammars.matcher(*seg.params.constraint, seg.prefix)
+                self.grammars.prepare(*seg.params.constraint, seg.prefix)
         max_output = sum(s.params.max_tokens for s in segments if isinstance(s, GenSegment))
         limit = self.model.config.max_seq_len
         if prompt + max_output > limit:

@@ -53,14 +53,7 @@ class Grammars:
         ``running``: how many sequences the engine holds, running or waiting (more roots for a busy engine).
         Raises ``ConstraintError`` when the constraint does not compile for this tokenizer.
         """
-        cache_key = (key, value, prefix)
-        roots = self._compiled.get(cache_key)
-        if roots is None:
-            roots = self._compiled[cache_key] = _Roots([self._compile(key, value, prefix)])
-            while len(self._compiled) > self.capacity:
-                self._compiled.popitem(last=False)
-        else:
-            self._compiled.move_to_end(cache_key)
+        roots = self.prepare(key, value, prefix)
         if running == 0:
             return roots.matchers[0].deep_copy()
         roots.turn = (roots.turn + 1) % ROOTS
@@ -69,6 +62,21 @@ class Grammars:
             while len(self._compiled) > 1 and sum(len(r.matchers) for r in self._compiled.values()) > MAX_COMPILED:
                 self._compiled.popitem(last=False)
         return roots.matchers[roots.turn].deep_copy()
+
+    def prepare(self, key: str, value: Any, prefix: str = "") -> _Roots:
+        """The compiled roots of a constraint, compiling the first now if it is not cached.
+
+        Raises ``ConstraintError`` when the constraint does not compile for this tokenizer.
+        """
+        cache_key = (key, value, prefix)
+        roots = self._compiled.get(cache_key)
+        if roots is None:
+            roots = self._compiled[cache_key] = _Roots([self._compile(key, value, prefix)])
+            while len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(cache_key)
+        return roots
 
     def _compile(self, key: str, value: Any, prefix: str) -> Any:
         from llguidance import LLMatcher

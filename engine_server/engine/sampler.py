@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_server.protocol import check_one_constraint, check_sampling_option, is_unset
+from engine_server.protocol import CONSTRAINT_OPTIONS, check_one_constraint, check_sampling_option, is_unset
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class SamplingParams:
     @property
     def constraint(self) -> tuple[str, object] | None:
         """``(key, value)`` of the output's constraint (engine_server/constraints.py), or None."""
-        for key in ("choices", "regex", "json"):
+        for key in CONSTRAINT_OPTIONS:
             value = getattr(self, key)
             if not is_unset(key, value):
                 return key, value
