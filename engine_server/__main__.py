@@ -77,6 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pending", type=_positive_int, default=50_000, metavar="N",
         help="refuse calls while the server holds N unfinished requests in all (default: 50000)",
     )  # fmt: skip
+    tools = parser.add_argument_group("native steps (@parrot_nb.native: notebook Python functions run here)")
+    tools.add_argument(
+        "--tool-workers", type=_positive_int, default=2, metavar="N",
+        help="tool worker processes that run native steps, started on first use (default: 2)",
+    )  # fmt: skip
+    tools.add_argument(
+        "--tool-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+        help="a native step running longer is stopped and fails (default: 60; a step may set its own)",
+    )  # fmt: skip
+    tools.add_argument(
+        "--tool-memory-mb", type=_positive_int, default=4096, metavar="MB",
+        help="memory a native step may allocate before it gets a MemoryError (default: 4096; a step may set its own)",
+    )  # fmt: skip
+    native = tools.add_mutually_exclusive_group()
+    native.add_argument(
+        "--allow-native", dest="allow_native", action="store_true", default=None,
+        help="accept native steps beyond loopback too: whoever holds the connection file may then run code "
+        "as this server's user (on loopback they are accepted by default, as a Jupyter kernel accepts code)",
+    )  # fmt: skip
+    native.add_argument(
+        "--no-native", dest="allow_native", action="store_false", help="refuse native steps, on loopback too"
+    )
+    parser.add_argument(
+        "--no-early-prefill", dest="early_prefill", action="store_false",
+        help="do not prefill the known start of a requested call (the text before its first input that is "
+        "not ready yet) while that input is still being computed; on by default",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     engine = parser.add_argument_group("engine sizing (per engine worker)")
     engine.add_argument(
@@ -171,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         owner_pid=args.owner_pid,
         max_pending_per_app=args.max_pending_per_app,
         max_pending=args.max_pending,
+        tool_workers=args.tool_workers,
+        tool_timeout_s=args.tool_timeout,
+        tool_memory_mb=args.tool_memory_mb,
+        allow_native=args.allow_native,
+        early_prefill=args.early_prefill,
     )
     try:
         server = EngineServer(config)

@@ -235,6 +235,12 @@ class FunctionSpec:
     name: str
     chunks: list[ChunkSpec]
     chat: bool = False
+    # A native step (``@parrot_nb.native``): the Python function and its constant arguments,
+    # cloudpickled; its chunks are one input per variable argument and one output, ``value``.
+    # It runs in one of the server's tool workers (engine_server/tools.py), not on an engine.
+    native: bytes = b""
+    native_timeout_s: float = 0.0  # per-call limits; 0: the server's defaults
+    native_memory_mb: int = 0
 
 
 @dataclass
@@ -468,6 +474,7 @@ class VarState(Message):
     state: VarStateName
     value: str | None = None
     error: str | None = None
+    json: bool = False  # the value is JSON text (a native step's dict, list or number; a JSON output)
 
 
 @dataclass
@@ -632,6 +639,7 @@ class VarReady(Message):
     app_id: str
     var_id: str
     value: str
+    json: bool = False  # the value is JSON text (a native step's dict, list or number; a JSON output)
 
 
 @dataclass
@@ -775,6 +783,9 @@ class WorkerStartFailed(Message):
 class RunRequest(Message):
     request_id: str
     segments: list[SegmentSpec]
+    # Only compute and cache the keyed text (the known start of a request still waiting on
+    # an input); it finishes with no outputs, and the request forks the contexts later.
+    prefill_only: bool = False
 
 
 @dataclass
@@ -833,6 +844,47 @@ class AbortRequest(Message):
 @dataclass
 class StopWorker(Message):
     pass
+
+
+# --------------------------------------------------------------------------- #
+# Server <-> tool worker (ROUTER "tools" socket on loopback; tool workers are DEALERs)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ToolHello(Message):
+    worker_id: int
+    pid: int
+
+
+@dataclass
+class RunNative(Message):
+    """Run one native step: ``function`` is the cloudpickled (callable, constant kwargs) pair.
+
+    ``args`` are the variable arguments' values as text; those named in ``json_args`` are
+    JSON text that the worker parses first. ``memory_mb`` bounds what the call may allocate.
+    """
+
+    request_id: str
+    name: str
+    function: bytes
+    args: dict[str, str]
+    json_args: list[str]
+    memory_mb: int
+
+
+@dataclass
+class NativeDone(Message):
+    request_id: str
+    value: str  # a str result as is; anything else as JSON text (``json``)
+    json: bool
+    run_s: float
+
+
+@dataclass
+class NativeFailed(Message):
+    request_id: str
+    error: str  # what went wrong, with the traceback of the user's code
 
 
 # --------------------------------------------------------------------------- #
@@ -1016,17 +1068,19 @@ def _show(value: Any) -> str:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    """A JSON-friendly view of a message (for event logs)."""
-    return {"type": msg.TYPE, **_unstructure(msg)}
+    """A JSON-friendly view of a message (for event logs): bytes (a native step's code) show as their size."""
+    return {"type": msg.TYPE, **_unstructure(msg, readable=True)}
 
 
-def _unstructure(obj: Any) -> Any:
+def _unstructure(obj: Any, readable: bool = False) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _unstructure(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _unstructure(getattr(obj, f.name), readable) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {k: _unstructure(v) for k, v in obj.items()}
+        return {k: _unstructure(v, readable) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_unstructure(v) for v in obj]
+        return [_unstructure(v, readable) for v in obj]
+    if readable and isinstance(obj, bytes):
+        return f"<{len(obj)} bytes>"
     return obj
 
 
@@ -1095,7 +1149,7 @@ def _structure(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
         return float(value)
-    if tp in (int, str, bool):
+    if tp in (int, str, bool, bytes):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ProtocolError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
         return value

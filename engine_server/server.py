@@ -7,10 +7,12 @@ Sockets:
 - ``events`` PUB: everything that happens (``protocol`` events), topic
   ``app.<app_id>`` or ``server``.
 - ``workers`` ROUTER: engine worker processes connect DEALERs to it.
+- ``tools`` ROUTER: tool worker processes, which run native steps, connect DEALERs
+  to it (engine_server/tools.py).
 
 ``requests`` and ``events`` bind to ``--ip`` (loopback by default); beyond
 loopback they are CurveZMQ servers (see engine_server/keys.py). ``workers``
-always stays on loopback.
+and ``tools`` always stay on loopback.
 
 One thread runs the loop; the manager's executor is called from it, so the
 DAG needs no locks.
@@ -40,6 +42,7 @@ from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
 from engine_server.models import DEFAULT_MODEL, chat_format, resolve_model
+from engine_server.tools import ToolPool, tool_env
 from engine_server.protocol import (
     CONNECTION_PREFIX,
     MAX_MESSAGE_BYTES,
@@ -62,6 +65,8 @@ from engine_server.protocol import (
     GetHistory,
     GetRequestDetail,
     Goodbye,
+    NativeDone,
+    NativeFailed,
     Heartbeat,
     Hello,
     Message,
@@ -76,6 +81,7 @@ from engine_server.protocol import (
     StopWorker,
     SubmitCall,
     SyncEvents,
+    ToolHello,
     Welcome,
     WorkerDelta,
     WorkerDone,
@@ -129,6 +135,18 @@ class ServerConfig:
     # Back-pressure: calls past these many unfinished requests are refused.
     max_pending_per_app: int = 10_000
     max_pending: int = 50_000
+    # Native steps (engine_server/tools.py): tool worker processes, and each call's default limits.
+    tool_workers: int = 2
+    tool_timeout_s: float = 60.0
+    tool_memory_mb: int = 4096
+    # Whether calls may run notebook code here. None: yes on loopback, no beyond it.
+    allow_native: bool | None = None
+    # Prefill the known start of a requested call while its inputs are still being computed.
+    early_prefill: bool = True
+
+    @property
+    def native_allowed(self) -> bool:
+        return self.allow_native if self.allow_native is not None else is_loopback(self.ip)
 
 
 @dataclass
@@ -166,17 +184,22 @@ class EngineServer:
         self.requests = self.ctx.socket(zmq.ROUTER)
         self.events = self.ctx.socket(zmq.PUB)
         self.workers = self.ctx.socket(zmq.ROUTER)
-        for sock in (self.requests, self.events, self.workers):
+        self.tool_socket = self.ctx.socket(zmq.ROUTER)
+        sockets = (self.requests, self.events, self.workers, self.tool_socket)
+        for sock in sockets:
             sock.setsockopt(zmq.LINGER, 0)
         # One numbering per socket (each delivers in order); one guard for all that arrives.
-        self._senders = {sock: Sender(self.key) for sock in (self.requests, self.events, self.workers)}
+        self._senders = {sock: Sender(self.key) for sock in sockets}
         self.guard = ReplayGuard()
-        for sock in (self.requests, self.workers):
+        for sock in (self.requests, self.workers, self.tool_socket):
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a huge frame must not exhaust memory
         self.events.setsockopt(zmq.SNDHWM, 100_000)  # token streams are bursty; don't drop events
         self.graph = Graph(chat_format(self.model))
         self.scheduler = Scheduler()
-        self.executor = Executor(self.graph, self.scheduler, self.publish, self.send_to_engine)
+        self.tools: ToolPool | None = None  # made in bind(), once its socket has an address
+        self.executor = Executor(
+            self.graph, self.scheduler, self.publish, self.send_to_engine, early_prefill=config.early_prefill
+        )
         self.history = EventHistory()  # what widgets opened late draw from (GetHistory)
         self.engines: dict[int, EngineProcess] = {}
         self.connection_file: Path | None = None
@@ -232,6 +255,14 @@ class EngineServer:
             self.requests.bind(f"tcp://{host}:{req_port}")
             self.events.bind(f"tcp://{host}:{ev_port}")
         self.worker_endpoint = f"tcp://{LOOPBACK}:{self.workers.bind_to_random_port(f'tcp://{LOOPBACK}')}"
+        tool_endpoint = f"tcp://{LOOPBACK}:{self.tool_socket.bind_to_random_port(f'tcp://{LOOPBACK}')}"
+        self.tools = ToolPool(
+            self.config.tool_workers, tool_endpoint, tool_env(self.key),
+            lambda identity, msg: self._send_frames(self.tool_socket, [identity], msg),
+            self.executor.on_native_result,
+            timeout_s=self.config.tool_timeout_s, memory_mb=self.config.tool_memory_mb,
+        )  # fmt: skip
+        self.executor.tools = self.tools
         info = ConnectionInfo(
             requests=f"tcp://{host}:{req_port}",
             events=f"tcp://{host}:{ev_port}",
@@ -261,15 +292,19 @@ class EngineServer:
         poller = zmq.Poller()
         poller.register(self.requests, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
+        poller.register(self.tool_socket, zmq.POLLIN)
         try:
             while self._running:
                 ready = dict(poller.poll(100))
                 if self.workers in ready:
                     self._drain(self.workers, self._on_worker_frames)
+                if self.tool_socket in ready:
+                    self._drain(self.tool_socket, self._on_tool_frames)
                 if self.requests in ready:
                     self._drain(self.requests, self._on_client_frames)
                 try:
                     self._supervise_engines()
+                    self._supervise_tools()
                     if time.monotonic() - self._housekept >= HOUSEKEEPING_S:
                         self._housekeeping()
                 except Exception:  # a bug here must not take every notebook's server down
@@ -280,6 +315,8 @@ class EngineServer:
             self.close()
 
     def close(self) -> None:
+        if self.tools is not None:
+            self.tools.close()
         for proc in self.engines.values():
             if proc.popen.poll() is not None:
                 continue
@@ -405,6 +442,14 @@ class EngineServer:
                 f"application {app.name!r} already has {app.unfinished} unfinished requests, its limit "
                 f"(--max-pending-per-app {limit}); wait for some to finish (.get() them), then call again"
             )
+        if msg.function.native and not self.config.native_allowed:
+            why = (
+                "this server was started with --no-native"
+                if self.config.allow_native is False
+                else f"this server listens on {self.config.ip}, beyond loopback, so they are off; start it with "
+                "--allow-native if everyone who holds its connection file may run code there"
+            )
+            raise GraphError(f"call of {msg.function.name!r}: native steps run Python code on the server as its user, and {why}")
         if self.graph.unfinished >= self.config.max_pending:
             raise Overloaded(
                 f"the server already has {self.graph.unfinished} unfinished requests, its limit "
@@ -612,6 +657,32 @@ class EngineServer:
                 continue
             proc.popen, proc.state = self._spawn_engine(proc.engine_id), "starting"
             self.publish(EngineChanged(proc.engine_id, "restarting", reason, time.time()))
+
+    # ----------------------------------------------------------------- tool workers
+
+    def _on_tool_frames(self, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        try:
+            env = decode(rest, self.key)
+            self.guard.check(env)
+        except ProtocolError as exc:
+            log.error("refused a message on the tools socket: %s", exc)
+            return
+        msg = env.msg
+        assert self.tools is not None  # the socket is bound in bind(), with the pool
+        if isinstance(msg, ToolHello):
+            self.tools.on_hello(identity, msg.worker_id, msg.pid)
+        elif isinstance(msg, (NativeDone, NativeFailed)):
+            self._log("engine", msg)
+            self.tools.on_result(identity, msg)
+        else:
+            log.error("unexpected %s on the tools socket", msg.TYPE)
+
+    def _supervise_tools(self) -> None:
+        if self.tools is not None and self.tools.workers:
+            # Results sent just before a worker exited are read before its death is judged.
+            self._drain(self.tool_socket, self._on_tool_frames)
+            self.tools.supervise()
 
     def _fail_if_no_engine_left(self) -> None:
         if all(p.state == "dead" for p in self.engines.values()):

@@ -10,6 +10,7 @@ from typing import Any
 from parrot_nb.app import app
 from parrot_nb.client import Client, ServerError, ServerGoneError
 from parrot_nb.function import SemanticFunction, semantic_function
+from parrot_nb.native import NativeFunction, native
 from parrot_nb.session import NotConnectedError, ServerStartError, connect, disconnect, start, status, stop
 from parrot_nb.template import TemplateError
 from parrot_nb.variable import SemanticVariable, SemanticVariableError
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "NativeFunction",
     "NotConnectedError",
     "SemanticFunction",
     "SemanticVariable",
@@ -29,6 +31,7 @@ __all__ = [
     "app",
     "connect",
     "disconnect",
+    "native",
     "semantic_function",
     "start",
     "status",

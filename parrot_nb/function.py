@@ -143,36 +143,15 @@ class SemanticFunction:
         inputs: dict[str, InputValue] = {}
         for name, value in values.items():
             if isinstance(value, SemanticVariable):
-                if value._client is not client:
-                    raise ValueError(
-                        f"{self.name}(): input {name!r} is a variable from another engine-server connection; "
-                        "pass its text (var.get()) instead"
-                    )
-                inputs[name] = InputValue(var_id=value.id)
+                inputs[name] = variable_input(self.name, name, value, client)
             else:
                 inputs[name] = InputValue(text=value if isinstance(value, str) else str(value))
         app_id = client.app_id(current_app_name())
-        request_id = new_id()
         variables = [
             SemanticVariable(client, app_id, new_id(), out, self.name, is_json=self._json_outputs[out])
             for out in self.outputs
         ]
-        client.track(request_id, variables)
-        call = SubmitCall(app_id, request_id, self.spec, inputs, {v.name: v.id for v in variables})
-
-        def on_reply(fut: Any) -> None:
-            # The call returned already; a refusal reaches the user through its variables.
-            try:
-                reply = fut.result()
-            except Exception as exc:
-                error: str | None = f"the call could not be sent: {exc}"
-            else:
-                error = f"the server refused the call: {reply.message}" if isinstance(reply, ErrorReply) else None
-            if error is not None:
-                for v in variables:
-                    v._fail(error)
-
-        client.request(call).add_done_callback(on_reply)
+        submit(client, app_id, self.spec, inputs, variables)
         if self._result_type is None:
             return variables[0]
         return self._result_type(*variables)
@@ -188,6 +167,38 @@ class SemanticFunction:
             "text/plain": head,
             "text/html": f"<code>{html.escape(head)}</code>",
         }
+
+
+def variable_input(function: str, name: str, value: SemanticVariable, client: Any) -> InputValue:
+    """An argument that is a variable becomes a reference to it (on this connection only)."""
+    if value._client is not client:
+        raise ValueError(
+            f"{function}(): input {name!r} is a variable from another engine-server connection; "
+            "pass its value (var.get()) instead"
+        )
+    return InputValue(var_id=value.id)
+
+
+def submit(
+    client: Any, app_id: str, spec: FunctionSpec, inputs: dict[str, InputValue], variables: list[SemanticVariable]
+) -> None:
+    """Send a call without waiting: a refusal (or a failure to send) reaches the user through its variables."""
+    request_id = new_id()
+    client.track(request_id, variables)
+    call = SubmitCall(app_id, request_id, spec, inputs, {v.name: v.id for v in variables})
+
+    def on_reply(fut: Any) -> None:
+        try:
+            reply = fut.result()
+        except Exception as exc:
+            error: str | None = f"the call could not be sent: {exc}"
+        else:
+            error = f"the server refused the call: {reply.message}" if isinstance(reply, ErrorReply) else None
+        if error is not None:
+            for v in variables:
+                v._fail(error)
+
+    client.request(call).add_done_callback(on_reply)
 
 
 def semantic_function(fn: Callable[..., Any] | None = None, /, **defaults: Any) -> Any:

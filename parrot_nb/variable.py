@@ -41,8 +41,10 @@ class SemanticVariable:
     tokens as they arrive).
 
     The value is the output's text; an output constrained by a JSON schema
-    (``json=...``, ``is_json``) gives the parsed object instead, and ``text``
-    its JSON text. A downstream function always reads the text.
+    (``json=...``, ``is_json``), and a native step that returned something other
+    than a str, give the parsed object instead, and ``text`` its JSON text. A
+    downstream semantic function reads the text; a downstream native step gets the
+    parsed object.
     """
 
     def __init__(
@@ -200,7 +202,7 @@ class SemanticVariable:
         if isinstance(event, TokenDelta):
             self._parts.append(event.text)
         elif isinstance(event, VarReady):
-            self._resolve(event.value)
+            self._resolve(event.value, event.json)
         elif isinstance(event, VarFailed):
             self._fail(event.error)
         elif isinstance(event, RequestDispatched) and not self._future.done():
@@ -218,18 +220,18 @@ class SemanticVariable:
             if isinstance(reply, ErrorReply):
                 self._fail(reply.message)
             elif isinstance(reply, VarState) and reply.state == "done" and reply.value is not None:
-                self._resolve(reply.value)
+                self._resolve(reply.value, reply.json)
             elif isinstance(reply, VarState) and reply.state == "failed":
                 self._fail(reply.error or "failed")
 
-    def _resolve(self, value: str) -> None:
+    def _resolve(self, value: str, is_json: bool = False) -> None:
         if not self._future.done():
             self._parts = [value]
-            if self.is_json:
+            if self.is_json or is_json:
                 try:
                     result = json.loads(value)
-                except json.JSONDecodeError as exc:  # the engine enforces the schema: this is a bug, say so
-                    self._fail(f"its JSON schema was enforced, yet its text is not JSON ({exc}): {value[:200]!r}")
+                except json.JSONDecodeError as exc:  # the server checked it: this is a bug, say so
+                    self._fail(f"its value should be JSON, yet it is not ({exc}): {value[:200]!r}")
                     return
             else:
                 result = value

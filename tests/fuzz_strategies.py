@@ -59,6 +59,7 @@ def value_of(tp: Any) -> st.SearchStrategy[Any]:
         int: ints,
         float: st.floats(allow_nan=False),  # NaN round-trips, but never compares equal
         str: st.text(max_size=20),
+        bytes: st.binary(max_size=20),
     }
     return simple[tp]
 

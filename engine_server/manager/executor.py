@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from engine_server.manager import criteria
 from engine_server.manager.graph import TERMINAL, Graph, GraphError, RequestNode
@@ -28,6 +29,8 @@ from engine_server.protocol import (
     EngineLoad,
     InputLink,
     Message,
+    NativeDone,
+    NativeFailed,
     Perf,
     ReleaseContexts,
     RequestCancelled,
@@ -38,6 +41,7 @@ from engine_server.protocol import (
     RequestFirstToken,
     RequestQueued,
     RequestSubmitted,
+    RunNative,
     RunRequest,
     SubmitCall,
     TokenDelta,
@@ -51,22 +55,33 @@ from engine_server.protocol import (
     WorkerLoad,
 )
 
+if TYPE_CHECKING:
+    from engine_server.tools import ToolPool
+
 # A request whose engine died is retried on a fresh engine this many times in all.
 MAX_ATTEMPTS = 2
+# Known text shorter than this (bytes) is not worth prefilling before a request's inputs are ready.
+EARLY_PREFILL_MIN_BYTES = 256
 
 Publish = Callable[[Message], None]
 SendToEngine = Callable[[int, Message], None]
 
 
 class Executor:
-    def __init__(self, graph: Graph, scheduler: Scheduler, publish: Publish, send_to_engine: SendToEngine) -> None:
+    def __init__(
+        self, graph: Graph, scheduler: Scheduler, publish: Publish, send_to_engine: SendToEngine,
+        *, early_prefill: bool = True,
+    ) -> None:  # fmt: skip
         self.graph = graph
+        # Prefill the known start of an activated request while its inputs are still computed.
+        self.early_prefill = early_prefill
         self.scheduler = scheduler
         self.publish = publish
         self.send_to_engine = send_to_engine
         self.contexts = ContextRefs()
         self._unused_keys: list[str] = []  # released since the last pump, to tell the engines
         self._activated: dict[str, tuple[float, Perf]] = {}  # var id -> when and how it was first requested
+        self.tools: ToolPool | None = None  # where native steps run (the server sets it)
 
     # ----------------------------------------------------------------- clients
 
@@ -92,6 +107,8 @@ class Executor:
             for node in criteria.activate(self.graph, var_id, perf):
                 if node.state == "waiting" and self.graph.is_ready(node):
                     self._enqueue(node)
+                elif node.state == "waiting":
+                    self._prefill_early(node)
                 elif node.state == "queued":
                     self.scheduler.push(node)  # its criterion was upgraded: re-queue at the new priority
             self.pump()
@@ -162,7 +179,7 @@ class Executor:
 
     def var_state(self, var_id: str) -> VarState:
         var = self.graph.variables[var_id]
-        return VarState(var.id, var.state, var.value, var.error)
+        return VarState(var.id, var.state, var.value, var.error, var.json)
 
     # ----------------------------------------------------------------- engines
 
@@ -184,11 +201,27 @@ class Executor:
             self._fail(node, f"engine {engine_id} could not run {node.function.name!r}: {msg.error}")
         self.pump()
 
+    def on_native_result(self, msg: NativeDone | NativeFailed) -> None:
+        """A tool worker's answer for a native step (or the pool's: a timeout, a dead worker)."""
+        node = self.graph.requests.get(msg.request_id)
+        if node is None or node.state != "running" or not node.function.native:
+            return  # cancelled meanwhile
+        if isinstance(msg, NativeDone):
+            (var_id,) = node.outputs.values()
+            done = WorkerDone(node.id, {var_id: msg.value}, 0, 0, 0.0, msg.run_s, 0.0)
+            self._finish(node, done, json_vars={var_id} if msg.json else set())
+        else:
+            self._fail(node, msg.error)
+        self.pump()
+
     def on_engine_ready(self, hello: WorkerHello, capacity: int | None = None) -> None:
         """An engine registered: it takes up to ``capacity`` requests at once (default: its ``max_running``)."""
         if hello.max_context and not self.graph.max_context:
             self.graph.max_context = hello.max_context
         self.scheduler.engine_ready(hello.engine_id, capacity or hello.max_running, hello.kv_blocks, hello.block_size)
+        for node in list(self.graph.requests.values()):  # requested before any engine could take them
+            if node.state == "waiting" and node.perf is not None and not node.early_prefix:
+                self._prefill_early(node)
         self.pump()
 
     def on_engine_load(self, load: WorkerLoad) -> None:
@@ -253,6 +286,9 @@ class Executor:
     # ----------------------------------------------------------------- internals
 
     def _enqueue(self, node: RequestNode) -> None:
+        if node.function.native:
+            self._run_native(node)
+            return
         try:
             self.graph.check_limits(node)  # the model's limits may not have been known at submission
             node.segments = self.graph.program(node)
@@ -261,12 +297,67 @@ class Executor:
             return
         self.contexts.acquire(assign_keys(node.segments))
         node.prefix = prefix_lengths(node.segments)
+        self._drop_early_prefix(node)  # its own references hold those contexts now
         if any(v.forgotten for v in self.graph.input_variables(node)):
             self.graph.mark_garbage()  # its program is fixed: dropped inputs it kept alive can go
         node.state = "queued"
         node.t_queued = time.monotonic()
         self.scheduler.push(node)
         self._publish_queued(node)
+
+    def _prefill_early(self, node: RequestNode) -> None:
+        """An activated request waits on an input: prefill the text before it now, on the engine
+        that will run the request, so that only the rest is prefilled once the input arrives.
+
+        The contexts are referenced (so not released) until the request is queued or ends.
+        """
+        if not self.early_prefill:
+            return
+        segments = self.graph.known_prefix(node)
+        keys = assign_keys(segments)
+        prefix = prefix_lengths(segments)
+        if not keys or keys[-1] in node.early_prefix or prefix[keys[-1]] < EARLY_PREFILL_MIN_BYTES:
+            return  # nothing new, or too little to be worth a trip to the engine
+        engine_id = self.scheduler.prefill_engine(prefix)
+        if engine_id is None:
+            return
+        self.contexts.acquire(keys)
+        self._drop_early_prefix(node)
+        node.early_prefix = prefix
+        self.send_to_engine(engine_id, RunRequest(f"{node.id}/prefill", segments, prefill_only=True))
+
+    def _drop_early_prefix(self, node: RequestNode) -> None:
+        if node.early_prefix:
+            self._unused_keys += self.contexts.release(node.early_prefix)
+            node.early_prefix = {}
+
+    def _run_native(self, node: RequestNode) -> None:
+        """A native step with its inputs ready goes straight to the tool pool (it queues there)."""
+        if self.tools is None:
+            self._fail(node, f"native step {node.function.name!r}: this server has no tool workers")
+            return
+        args, json_args = {}, []
+        for name, value in node.inputs.items():
+            if value.var_id is None:
+                args[name] = value.text or ""
+                continue
+            var = self.graph.variables[value.var_id]
+            args[name] = var.value or ""
+            if var.json:
+                json_args.append(name)
+        node.segments, node.prefix = [], {}
+        node.state, node.t_queued = "queued", time.monotonic()
+        self._publish_queued(node)
+        node.state, node.attempts = "running", node.attempts + 1
+        node.t_dispatched, node.t_first_token = time.monotonic(), 0.0
+        for var_id in node.outputs.values():
+            self.graph.variables[var_id].state = "running"
+        fn = node.function
+        self.tools.submit(
+            RunNative(node.id, fn.name, fn.native, args, json_args, fn.native_memory_mb), fn.native_timeout_s,
+            fn.native_memory_mb,
+        )  # fmt: skip
+        self.publish(RequestDispatched(node.app_id, node.id, -1, time.time(), node.perf or "", node.group or "", node.attempts))
 
     def _publish_queued(self, node: RequestNode) -> None:
         self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
@@ -287,8 +378,12 @@ class Executor:
             self.scheduler.finish(node.id, node.engine_id)
         if node.state in ("queued", "running", "lost"):
             self._unused_keys += self.contexts.release(node.prefix)
+        self._drop_early_prefix(node)
 
-    def _finish(self, node: RequestNode, done: WorkerDone) -> None:
+    def _finish(self, node: RequestNode, done: WorkerDone, json_vars: set[str] | None = None) -> None:
+        """A request is done; ``json_vars`` are its outputs whose values are JSON text (default: JSON-schema outputs)."""
+        if json_vars is None:
+            json_vars = {s.var_id for s in node.segments or () if s.kind == "gen" and s.sampling and s.sampling.json}
         self._leave(node)
         self.graph.settle(node, "done")
         now = node.t_ended = time.monotonic()
@@ -313,14 +408,18 @@ class Executor:
         self.publish(self.app_stats(app.id))
         for var_id in node.outputs.values():
             var = self.graph.variables[var_id]
-            var.state, var.value = "done", done.outputs.get(var_id, "")
-            self.publish(VarReady(var.app_id, var.id, var.value))
+            var.state, var.value, var.json = "done", done.outputs.get(var_id, ""), var_id in json_vars
+            self.publish(VarReady(var.app_id, var.id, var.value, var.json))
             self._activation_done(var.app_id, var_id, "done")
-        # Server-side dependency execution: consumers that were requested and are now ready run at once.
+        # Server-side dependency execution: consumers that were requested and are now ready run at once;
+        # those still waiting on another input may prefill further.
         for var_id in node.outputs.values():
             for consumer in self.graph.consumers(var_id):
-                if consumer.state == "waiting" and consumer.perf is not None and self.graph.is_ready(consumer):
-                    self._enqueue(consumer)
+                if consumer.state == "waiting" and consumer.perf is not None:
+                    if self.graph.is_ready(consumer):
+                        self._enqueue(consumer)
+                    else:
+                        self._prefill_early(consumer)
 
     def _fail(self, node: RequestNode, error: str) -> None:
         """Fail a request, its outputs, and everything downstream of them."""
@@ -336,6 +435,8 @@ class Executor:
             if state == "cancelled" and node.state == "running" and node.engine_id is not None:
                 # Free its sequence and KV now; nothing more is sent for it.
                 self.send_to_engine(node.engine_id, AbortRequest(node.id))
+            elif node.state == "running" and node.function.native and self.tools is not None:
+                self.tools.cancel(node.id)  # its worker is stopped (and replaced)
             self._leave(node)
             self.graph.settle(node, state)
             node.error, node.t_ended = error, time.monotonic()

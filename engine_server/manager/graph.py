@@ -26,6 +26,7 @@ class Variable:
     consumers: list[str] = field(default_factory=list)
     state: str = "pending"  # pending | running | done | failed
     value: str | None = None
+    json: bool = False  # the value is JSON text: a native step's non-str result, or a JSON-schema output
     error: str | None = None
     forgotten: bool = False  # its client dropped it (or is gone): only other requests may still need it
 
@@ -45,6 +46,8 @@ class RequestNode:
     group: str | None = None  # task group (the consumer's id) when it is one of several producers feeding one request
     segments: list[SegmentSpec] | None = None  # the program, with context keys, fixed once it is queued
     prefix: dict[str, int] = field(default_factory=dict)  # context key -> prompt bytes up to its boundary
+    # While it waits on an input: the contexts prefilled early (the text before that input).
+    early_prefix: dict[str, int] = field(default_factory=dict)
     engine_id: int | None = None
     attempts: int = 0
     t_submitted: float = field(default_factory=time.monotonic)
@@ -130,8 +133,10 @@ class Graph:
             raise GraphError(f"call of {fn.name!r}: inputs do not match the template (missing {missing}, unexpected {extra})")
         if set(declared_outputs) != set(call.outputs):
             raise GraphError(f"call of {fn.name!r}: outputs {sorted(call.outputs)} do not match the template {declared_outputs}")
+        if fn.native:
+            self._check_native(fn, declared_outputs)
         for c in fn.chunks:
-            if c.kind == "output":
+            if c.kind == "output" and not fn.native:
                 self._check_sampling(fn, c)
         if fn.chat:
             self._check_chat(fn)
@@ -267,12 +272,44 @@ class Graph:
                 segments.append(SegmentSpec("text", text=text))
         return segments
 
+    def known_prefix(self, node: RequestNode) -> list[SegmentSpec]:
+        """The text segments of a waiting request's program up to its first unready input.
+
+        They are exactly the first segments ``program`` will give once every input is
+        ready, so their context keys are the request's own. Empty for chat functions (the
+        template renders the whole conversation at once) and native steps.
+        """
+        if node.function.chat or node.function.native:
+            return []
+        segments: list[SegmentSpec] = []
+        for chunk in node.function.chunks:
+            if chunk.kind == "output":
+                break
+            if chunk.kind == "input":
+                value = node.inputs[chunk.name]
+                if value.var_id is not None and self.variables[value.var_id].state != "done":
+                    break
+            if text := self._text(node, chunk):
+                segments.append(SegmentSpec("text", text=text))
+        return segments
+
     def prompt(self, node: RequestNode) -> str:
         """The request's prompt as text, for people: its program once queued, else its template filled so far.
 
         Outputs show as ``{{output:name}}``, inputs not computed yet as ``{{input:name}}``
         and, before a chat function is rendered, role markers as ``{{role:name}}``.
         """
+        if node.function.native:  # a Python call: its variable arguments, as far as they are known
+            args = []
+            for name, value in node.inputs.items():
+                var = self.variables.get(value.var_id) if value.var_id else None
+                if value.var_id is None:
+                    args.append(f"{name}={value.text!r}")
+                elif var is not None and var.state == "done":
+                    args.append(f"{name}={var.value!r}")
+                else:  # not computed yet, or freed once the step started
+                    args.append(f"{name}={{{{input:{name}}}}}")
+            return f"{node.function.name}({', '.join(args)})"
         names = {var_id: name for name, var_id in node.outputs.items()}
         if node.segments is not None:
             return "".join(s.text if s.kind == "text" else f"{{{{output:{names[s.var_id]}}}}}" for s in node.segments)
@@ -334,10 +371,18 @@ class Graph:
                 f"context ({self.max_context} tokens, prompt included); lower max_tokens"
             )
 
+    @staticmethod
+    def _check_native(fn: FunctionSpec, outputs: list[str]) -> None:
+        """A native step: inputs and one output, no text, no chat, limits that make sense."""
+        if fn.chat or any(c.kind in ("text", "role") for c in fn.chunks) or len(outputs) != 1:
+            raise GraphError(f"native step {fn.name!r}: it takes inputs and has exactly one output, and no template text")
+        if fn.native_timeout_s < 0 or fn.native_memory_mb < 0:
+            raise GraphError(f"native step {fn.name!r}: its timeout and memory limit must be positive (0: the server's default)")
+
     def check_limits(self, node: RequestNode) -> None:
         """Check a request against the model's limits, once they are known (engines report them)."""
         for c in node.function.chunks:
-            if c.kind == "output":
+            if c.kind == "output" and not node.function.native:
                 self._check_sampling(node.function, c)
 
     def _check_chat(self, fn: FunctionSpec) -> None:

@@ -1,0 +1,189 @@
+"""Native steps: Python functions that are nodes of the DAG and run on the engine server.
+
+::
+
+    @parrot_nb.native
+    def retrieve(query: str, k: int = 3) -> list[str]:
+        return index.search(query, k)
+
+    docs = retrieve(query=expand(question))   # a SemanticVariable; nothing runs yet
+    answer(question=question, docs=docs).get()
+
+Arguments that are semantic variables become the step's inputs: the server passes
+their values when their producers finish (a variable whose value is JSON, such as
+another step's list, arrives parsed). Every other argument is a constant that
+travels with the code. The step runs in one of the server's tool worker processes
+(``--tool-workers``), so a chain LLM -> Python -> LLM needs no round trip through
+the notebook. Its result is a ``SemanticVariable``: a str as is, anything else as
+JSON (``.get()`` gives the object back, a downstream prompt gets the JSON text).
+
+The code travels with cloudpickle: functions and classes from the notebook, or from
+a module that is not installed as a package (a script, a test file), go by value;
+those of installed packages go by reference and must be importable where the
+server runs. Limits per call: ``timeout`` seconds and ``memory_mb`` of memory
+(default: the server's ``--tool-timeout`` and ``--tool-memory-mb``).
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import linecache
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, new_id
+from parrot_nb import session
+from parrot_nb.app import current_app_name
+from parrot_nb.function import submit, variable_input
+from parrot_nb.variable import SemanticVariable
+
+#: The name of a native step's one output variable.
+OUTPUT = "value"
+
+
+class NativeFunction:
+    """A Python function made a DAG node by ``@native``; calling it returns a ``SemanticVariable``.
+
+    ``fn`` itself stays available as ``.fn`` (call it directly to run it here).
+    """
+
+    def __init__(
+        self, fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None,
+        memory_mb: int | None = None,
+    ) -> None:  # fmt: skip
+        if not callable(fn):
+            raise TypeError(f"@native takes a function, got {type(fn).__name__}")
+        self.fn = fn
+        default = getattr(fn, "__name__", "")
+        self.name = name or (default if default.isidentifier() else "native_step")  # a lambda's is "<lambda>"
+        if not self.name.isidentifier():
+            raise ValueError(f"native step name {self.name!r} is not a Python identifier")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+            raise ValueError(f"native step {self.name!r}: timeout must be a positive number of seconds, got {timeout!r}")
+        if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 1):
+            raise ValueError(f"native step {self.name!r}: memory_mb must be a positive whole number, got {memory_mb!r}")
+        self.timeout = timeout
+        self.memory_mb = memory_mb
+        self.__signature__ = inspect.signature(fn)
+        for p in self.__signature__.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(
+                    f"native step {self.name!r}: parameter {p}: every argument must have a name "
+                    "(variable ones become named inputs of the DAG node); drop *args and **kwargs"
+                )
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SemanticVariable:
+        try:
+            bound = self.__signature__.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+        bound.apply_defaults()
+        client = session.require_client()
+        inputs: dict[str, InputValue] = {}
+        constants: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if isinstance(value, SemanticVariable):
+                inputs[name] = variable_input(self.name, name, value, client)
+            elif _holds_variable(value):
+                raise TypeError(
+                    f"{self.name}(): argument {name!r} holds semantic variables inside a {type(value).__name__}; "
+                    "pass each variable as an argument of its own"
+                )
+            else:
+                constants[name] = value
+        payload = dumps(self.fn, constants, self.name)
+        chunks = [ChunkSpec("input", name=n) for n in inputs] + [ChunkSpec("output", name=OUTPUT)]
+        spec = FunctionSpec(
+            self.name, chunks, native=payload, native_timeout_s=float(self.timeout or 0.0),
+            native_memory_mb=self.memory_mb or 0,
+        )  # fmt: skip
+        app_id = client.app_id(current_app_name())
+        variable = SemanticVariable(client, app_id, new_id(), OUTPUT, self.name)
+        submit(client, app_id, spec, inputs, [variable])
+        return variable
+
+    def __repr__(self) -> str:
+        return f"<NativeFunction {self.name}{self.__signature__}>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        head = f"native step {self.name}{self.__signature__}"
+        return {"text/plain": head, "text/html": f"<code>{html.escape(head)}</code>"}
+
+
+def native(
+    fn: Callable[..., Any] | None = None, /, *, name: str | None = None, timeout: float | None = None,
+    memory_mb: int | None = None,
+) -> Any:  # fmt: skip
+    """Decorator: make a Python function a native step of the DAG (see this module's docs).
+
+    ``@native``, or ``@native(timeout=5, memory_mb=512)``.
+    """
+
+    def wrap(f: Callable[..., Any]) -> NativeFunction:
+        return NativeFunction(f, name=name, timeout=timeout, memory_mb=memory_mb)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes:
+    """cloudpickle ``(fn, constants, source)``; the function's module goes by value unless it is an installed package.
+
+    ``source`` is the file (or notebook cell) the function was defined in, as lines, so
+    that a traceback on the server can show the user's code: code sent by value loses it.
+    """
+    import cloudpickle
+
+    code = getattr(fn, "__code__", None)
+    filename = code.co_filename if code is not None else ""
+    source = {"filename": filename, "lines": linecache.getlines(filename) if filename else []}
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    by_value = (
+        module is not None
+        and module.__name__ != "__main__"  # cloudpickle sends __main__'s functions by value anyway
+        and not _installed(module)
+        and module.__name__ not in cloudpickle.list_registry_pickle_by_value()
+    )
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps((fn, constants, source))
+    except Exception as exc:
+        raise TypeError(
+            f"{name}(): the function or one of its constant arguments cannot be sent to the server "
+            f"({type(exc).__name__}: {exc}); pass values that can be pickled (no open files, sockets or locks)"
+        ) from None
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _installed(module: ModuleType) -> bool:
+    """Whether the module comes from an installed package or the standard library (so the server has it too)."""
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return True  # built in
+    here = Path(path).resolve()
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    if any(here.is_relative_to(Path(r).resolve()) for r in roots):
+        return True
+    top = sys.modules.get(module.__name__.split(".")[0])
+    # Our own packages (an editable install) are on the server as well.
+    return top is not None and top.__name__ in ("parrot_nb", "engine_server", "widgets", "kernels")
+
+
+def _holds_variable(value: Any) -> bool:
+    """Whether a list, tuple, set or dict holds a semantic variable, at any depth."""
+    if isinstance(value, SemanticVariable):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_variable(v) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_variable(v) for v in value)
+    return False
