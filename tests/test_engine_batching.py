@@ -281,3 +281,44 @@ def test_after_a_failed_step_finished_results_arrive_and_queued_requests_still_r
     assert set(results) == {"no-outputs", "queued"}
     assert results["queued"].outputs["a"] == greedy_text(model, tok, "second", 3)
     assert_pool_whole(engine)
+
+
+# ---------------------------------------------------------------- prefill before the inputs arrive
+
+
+def test_a_prefill_only_program_caches_its_contexts_and_finishes_with_no_output(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    doc = "The document: " + "lorem ipsum " * 6
+    engine.add("early", [TextSegment(SYSTEM, "k-sys"), TextSegment(doc, "k-doc")], prefill_only=True)
+    results, events = drain(engine)
+    early = results["early"]
+    assert early.outputs == {} and early.prompt_tokens == 1 + len(tok.encode(SYSTEM + doc))
+    assert not [e for e in events if isinstance(e, Delta)]
+    assert engine.cache.contexts["k-doc"].tokens == tuple([tok.bos_id, *tok.encode(SYSTEM + doc)])
+    # The request it stood for, once its input arrives, forks that context and prefills only the rest.
+    program = [TextSegment(SYSTEM, "k-sys"), TextSegment(doc, "k-doc"), TextSegment(" Summary:"), gen(12)]
+    before = engine.stats["forward_tokens"]
+    late = engine.run(program)
+    assert late.cached_tokens == early.prompt_tokens
+    assert engine.stats["forward_tokens"] - before == len(tok.encode(" Summary:")) + 11
+    assert late.outputs["a"] == greedy_text(model, tok, SYSTEM + doc + " Summary:", 12)
+
+
+def test_a_prefill_only_program_already_cached_finishes_at_once(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    segments = [TextSegment(SYSTEM, "k-sys")]
+    engine.add("one", segments, prefill_only=True)
+    drain(engine)
+    before = engine.stats["forward_tokens"]
+    engine.add("two", segments, prefill_only=True)
+    results, _ = drain(engine)
+    assert engine.stats["forward_tokens"] == before
+    assert results["two"].cached_tokens == results["two"].prompt_tokens
+
+
+def test_a_prefill_only_program_must_be_keyed_text(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    with pytest.raises(ValueError, match="prefill-only program is text with context keys"):
+        engine.add("x", [TextSegment(SYSTEM, "k"), gen(3)], prefill_only=True)
+    with pytest.raises(ValueError, match="prefill-only program is text with context keys"):
+        engine.add("y", [TextSegment(SYSTEM)], prefill_only=True)

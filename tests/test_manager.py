@@ -80,13 +80,16 @@ class Manager:
         self.executor.on_worker_message(node.engine_id, WorkerDone(request_id, outputs, 10, 1, 0.0, 0.0, 0.0, cached))
 
     def runs(self) -> list[RunRequest]:
-        return [m for _, m in self.sent if isinstance(m, RunRequest)]
+        return [m for _, m in self.sent if isinstance(m, RunRequest) and not m.prefill_only]
+
+    def prefills(self) -> list[tuple[int, RunRequest]]:
+        return [(e, m) for e, m in self.sent if isinstance(m, RunRequest) and m.prefill_only]
 
     def dispatched(self) -> list[str]:
         return [m.request_id for m in self.runs()]
 
     def engine_of(self, request_id: str) -> int:
-        return next(e for e, m in self.sent if isinstance(m, RunRequest) and m.request_id == request_id)
+        return next(e for e, m in self.sent if isinstance(m, RunRequest) and m.request_id == request_id and not m.prefill_only)
 
     def released(self) -> list[tuple[int, list[str]]]:
         return [(e, m.keys) for e, m in self.sent if isinstance(m, ReleaseContexts)]
@@ -229,6 +232,85 @@ def test_a_context_is_released_when_the_last_request_needing_it_finishes() -> No
     released = [k for _, keys in m.released() for k in keys]
     assert system_key in released and len(m.executor.contexts) == 0
     assert {e for e, _ in m.released()} == {0}
+
+
+# ---------------------------------------------------------------- prefill before the inputs arrive
+
+PREAMBLE = "You review code for a living; here are the house rules, one per line. " * 5  # > 256 bytes
+
+
+def _waiting_consumer(m: Manager, preamble: str = PREAMBLE) -> str:
+    m.call("write", {"task": InputValue(text="sort")})
+    return m.call("review", {"code": InputValue(var_id="write.out")}, prefix=preamble)
+
+
+def test_a_requested_call_waiting_on_its_input_prefills_the_text_before_it() -> None:
+    m = Manager(capacity=4)
+    review = _waiting_consumer(m)
+    m.executor.activate(review, "latency")
+    ((engine, early),) = m.prefills()
+    assert early.request_id == "review/prefill"
+    assert [s.text for s in early.segments] == [PREAMBLE] and all(s.kind == "text" for s in early.segments)
+    assert m.dispatched() == ["write"]  # the producer runs; the consumer itself waits
+    m.finish("write", "def f(): pass")
+    (run,) = [r for r in m.runs() if r.request_id == "review"]
+    # The request's own program starts with the same keyed text, on the engine that prefilled it.
+    assert run.segments[0].key == early.segments[0].key
+    assert m.engine_of("review") == engine
+
+
+def test_the_early_context_is_held_until_the_request_has_run() -> None:
+    m = Manager(capacity=4)
+    review = _waiting_consumer(m)
+    m.executor.activate(review, "latency")
+    key = m.prefills()[0][1].segments[0].key
+    m.finish("write")
+    assert all(key not in keys for _, keys in m.released())  # queued and running: still needed
+    m.finish("review")
+    assert key in [k for _, keys in m.released() for k in keys]
+    assert len(m.executor.contexts) == 0
+
+
+def test_cancelling_a_waiting_request_releases_its_early_context() -> None:
+    m = Manager(capacity=4)
+    review = _waiting_consumer(m)
+    m.executor.activate(review, "latency")
+    key = m.prefills()[0][1].segments[0].key
+    m.executor.cancel([review], "test")
+    assert key in [k for _, keys in m.released() for k in keys]
+    assert len(m.executor.contexts) == 0
+
+
+def test_short_known_text_is_not_prefilled_early() -> None:
+    m = Manager(capacity=4)
+    review = _waiting_consumer(m, preamble="Review: ")
+    m.executor.activate(review, "latency")
+    assert m.prefills() == []
+
+
+def test_early_prefill_can_be_turned_off() -> None:
+    m = Manager(capacity=4)
+    m.executor.early_prefill = False
+    review = _waiting_consumer(m)
+    m.executor.activate(review, "latency")
+    assert m.prefills() == []
+
+
+def test_a_request_waiting_on_two_inputs_prefills_again_as_the_first_arrives() -> None:
+    m = Manager(capacity=4)
+    m.call("a", {"q": InputValue(text="1")})
+    m.call("b", {"q": InputValue(text="2")})
+    chunks = [ChunkSpec("text", text=PREAMBLE), ChunkSpec("input", name="x"), ChunkSpec("text", text=PREAMBLE),
+              ChunkSpec("input", name="y"), ChunkSpec("output", name="out", sampling=SamplingSpec(max_tokens=4))]
+    inputs = {"x": InputValue(var_id="a.out"), "y": InputValue(var_id="b.out")}
+    m.executor.submit(SubmitCall(m.app, "c", FunctionSpec("c", chunks), inputs, {"out": "c.out"}))
+    m.executor.activate("c.out", "latency")
+    assert [len(r.segments) for _, r in m.prefills()] == [1]
+    m.finish("a", "first")
+    assert [[s.text for s in r.segments] for _, r in m.prefills()][-1] == [PREAMBLE, "first", PREAMBLE]
+    m.finish("b", "second")
+    m.finish("c")
+    assert len(m.executor.contexts) == 0
 
 
 # ---------------------------------------------------------------- task groups

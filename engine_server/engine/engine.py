@@ -201,6 +201,7 @@ class _Sequence:
         self.output_tokens: dict[str, int] = {}
         self.finish_reasons: dict[str, FinishReason] = {}
         self.done = False
+        self.prefill_only = False  # computes and caches its prompt's contexts, then finishes
 
     @property
     def pending(self) -> int:
@@ -286,16 +287,26 @@ class Engine:
 
     # ------------------------------------------------------------ requests
 
-    def add(self, request_id: str, segments: Sequence[Segment]) -> None:
-        """Queue a program; raises ValueError (and queues nothing) if it can never run."""
+    def add(self, request_id: str, segments: Sequence[Segment], *, prefill_only: bool = False) -> None:
+        """Queue a program; raises ValueError (and queues nothing) if it can never run.
+
+        ``prefill_only``: the program is text alone, the known start of a request whose
+        inputs are not all ready yet; the engine computes it, caches its keyed contexts
+        (so the request forks them when it comes) and finishes it with no output.
+        """
         if any(s.request_id == request_id for s in (*self.waiting, *self.running)):
             raise ValueError(f"request {request_id!r} is already in the engine")
         keys = [s.key for s in segments if isinstance(s, GenSegment)]
         if len(set(keys)) != len(keys):
             raise ValueError(f"output keys must be unique, got {keys}")
-        # Text after the last output influences nothing, so it is not run.
-        last_gen = max((i for i, s in enumerate(segments) if isinstance(s, GenSegment)), default=-1)
-        segments = list(segments[: last_gen + 1])
+        if prefill_only:
+            if keys or not any(isinstance(s, TextSegment) and s.context_key for s in segments):
+                raise ValueError("a prefill-only program is text with context keys, and no outputs")
+            segments = list(segments)
+        else:
+            # Text after the last output influences nothing, so it is not run.
+            last_gen = max((i for i, s in enumerate(segments) if isinstance(s, GenSegment)), default=-1)
+            segments = list(segments[: last_gen + 1])
         program: list[tuple[Segment, list[int]]] = []
         prompt = 1 if self._add_bos() else 0
         before_first_output: int | None = None  # tokens the first output is conditioned on
@@ -343,6 +354,13 @@ class Engine:
         if self._add_bos():
             seq.tokens.append(self.tokenizer.bos_id)
         self._advance(seq)
+        if prefill_only:
+            ctx = self.cache.lookup(seq.boundaries, seq.tokens)
+            if ctx is None or len(ctx) < len(seq.tokens):
+                seq.done, seq.prefill_only = False, True  # it finishes once its prompt is computed
+            else:
+                seq.cached_tokens = len(seq.tokens)  # all of it is cached already: keep it so
+                ctx.released = False
         if seq.done:  # no outputs at all: nothing to run
             self._pending_events.append(Finished(request_id, self._result(seq)))
             return
@@ -440,6 +458,10 @@ class Engine:
             for seq, n in ordered:
                 seq.num_computed += n
                 self._register_contexts(seq)
+                if seq.prefill_only and seq.pending == 0:  # its contexts are cached: done
+                    self.running.remove(seq)
+                    self._release(seq)
+                    events.append(Finished(seq.request_id, self._result(seq)))
             for seq, token in zip(sampling, self._sample(logits, sampling, events)):
                 if token is not None:
                     self._on_token(seq, token, events)

@@ -200,7 +200,7 @@ class Worker:
 
     def submit(self, req: RunRequest) -> None:
         try:
-            self.engine.add(req.request_id, to_engine_segments(req.segments))
+            self.engine.add(req.request_id, to_engine_segments(req.segments), prefill_only=req.prefill_only)
         except Exception as exc:  # a request that can never run fails alone
             self.send(WorkerFailed(req.request_id, f"{type(exc).__name__}: {exc}"))
 

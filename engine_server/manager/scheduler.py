@@ -342,6 +342,25 @@ class Scheduler:
                 best, best_id = score, slot.engine_id
         return best_id
 
+    def prefill_engine(self, prefix: dict[str, int]) -> int | None:
+        """Where to prefill the known start of a waiting request early (``prefix``: key -> bytes).
+
+        The engine that already holds the longest part of it, else the least busy one. The
+        keys are then counted as held there, so the request itself is placed there later.
+        """
+        best: tuple[int, ...] | None = None
+        best_id: int | None = None
+        for slot in self.engines.values():
+            if not slot.alive:
+                continue
+            cached = max((n for k, n in prefix.items() if k in slot.keys), default=0)
+            score = (cached if cached >= PREFIX_AFFINITY_MIN_BYTES else 0, -len(slot.running), -slot.engine_id)
+            if best is None or score > best:
+                best, best_id = score, slot.engine_id
+        if best_id is not None:
+            self.engines[best_id].keys.update(prefix)
+        return best_id
+
     @staticmethod
     def _blocks(node: RequestNode, slot: EngineSlot, cached: int = 0) -> int:
         """KV blocks the request may need there: bytes bound tokens from above, minus the cached prefix."""
