@@ -784,8 +784,22 @@ class RunRequest(Message):
     request_id: str
     segments: list[SegmentSpec]
     # Only compute and cache the keyed text (the known start of a request still waiting on
-    # an input); it finishes with no outputs, and the request forks the contexts later.
+    # an input): the engine reports it done with no outputs and keeps its KV parked, for
+    # ExtendPrefill to grow and for the request to adopt.
     prefill_only: bool = False
+    # The id of such a prefill on this engine: start from its KV, as far as the tokens agree.
+    adopt: str = ""
+
+
+@dataclass
+class ExtendPrefill(Message):
+    """Text streamed into a waiting request's input: append it to its parked prefill.
+
+    ``pieces[0]`` continues the segment being streamed; each later piece starts a new one.
+    """
+
+    request_id: str
+    pieces: list[str]
 
 
 @dataclass

@@ -58,3 +58,24 @@ def test_with_early_prefill_off_the_call_prefills_everything_itself(tmp_path) ->
         server.stop()
     assert not [r for r in run["done"] if r.endswith("/prefill")]
     assert run["finished"][run["ids"]["ep_review"]]["cached_tokens"] == 0
+
+
+def test_a_consumer_prefills_its_producers_text_as_it_streams(tmp_path) -> None:
+    server = ServerProcess(tmp_path)
+    try:
+        parrot_nb.connect(server.connection_file)
+        write = SemanticFunction.from_template("st_write", "Task: {{input:task}}\nCode: {{output:code}}", max_tokens=48)
+        review = SemanticFunction.from_template("st_review", "Review: {{input:code}}\nVerdict: {{output:v}}", max_tokens=4)
+        code = write(task="streaming")
+        verdict = review(code=code)
+        value = expected_text(write, task="streaming")
+        assert verdict.get(timeout=120) == expected_text(review, code=value)
+    finally:
+        parrot_nb.disconnect()
+        server.stop()
+    events = server.events()
+    ids = {e["function"]: e["request_id"] for e in events if e["type"] == "RequestQueued"}
+    finished = {e["request_id"]: e for e in events if e["type"] == "RequestFinished"}
+    # BOS, "Review: " and the producer's text as it streamed (all but its last token or two,
+    # which may still merge with what follows) were computed before the consumer was dispatched.
+    assert finished[ids["st_review"]]["cached_tokens"] >= 1 + len("Review: ") + len(value.encode()) - 2

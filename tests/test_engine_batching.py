@@ -304,7 +304,7 @@ def test_a_prefill_only_program_caches_its_contexts_and_finishes_with_no_output(
     assert late.outputs["a"] == greedy_text(model, tok, SYSTEM + doc + " Summary:", 12)
 
 
-def test_a_prefill_only_program_already_cached_finishes_at_once(model, tok):
+def test_a_prefill_only_program_already_cached_recomputes_only_its_last_token(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64))
     segments = [TextSegment(SYSTEM, "k-sys")]
     engine.add("one", segments, prefill_only=True)
@@ -312,8 +312,90 @@ def test_a_prefill_only_program_already_cached_finishes_at_once(model, tok):
     before = engine.stats["forward_tokens"]
     engine.add("two", segments, prefill_only=True)
     results, _ = drain(engine)
-    assert engine.stats["forward_tokens"] == before
-    assert results["two"].cached_tokens == results["two"].prompt_tokens
+    assert engine.stats["forward_tokens"] == before + 1
+    assert results["two"].cached_tokens == results["two"].prompt_tokens - 1
+
+
+# ---------------------------------------------------------------- consumers on streamed tokens
+
+KNOWN = "Reviewer notes. " * 4
+VALUE = "def add(a, b): return a + b  # adds"
+
+
+def _stream(engine: Engine, value: str, step: int = 5) -> None:
+    """Open a prefill for KNOWN, then stream ``value`` into it a few characters at a time."""
+    engine.add("r/prefill", [TextSegment(KNOWN, "k-known")], prefill_only=True)
+    drain(engine)
+    for i in range(0, len(value), step):
+        assert engine.extend("r/prefill", [value[i : i + step]])
+        drain(engine)
+
+
+def _final(value: str = VALUE) -> list:
+    return [TextSegment(KNOWN, "k-known"), TextSegment(value), TextSegment(" Review:"), gen(10)]
+
+
+def test_a_request_adopts_the_prefill_its_input_streamed_into(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    _stream(engine, VALUE)
+    assert "r/prefill" in engine.parked
+    before = engine.stats["forward_tokens"]
+    engine.add("r", _final(), adopt="r/prefill")
+    results, _ = drain(engine)
+    # Everything but the value's last token (held back: it might have merged with more text) was computed.
+    assert results["r"].cached_tokens == 1 + len(tok.encode(KNOWN + VALUE)) - 1
+    assert engine.stats["forward_tokens"] - before == 1 + len(tok.encode(" Review:")) + 9
+    assert results["r"].outputs["a"] == greedy_text(model, tok, KNOWN + VALUE + " Review:", 10)
+    assert "r/prefill" not in engine.parked
+    assert_pool_whole(engine)
+
+
+def test_a_streamed_prefix_that_turns_out_different_is_recomputed_from_where_it_differs(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    _stream(engine, VALUE[:10] + "XYZ")
+    engine.add("r", _final(), adopt="r/prefill")
+    results, _ = drain(engine)
+    assert results["r"].cached_tokens == 1 + len(tok.encode(KNOWN)) + 10
+    assert results["r"].outputs["a"] == greedy_text(model, tok, KNOWN + VALUE + " Review:", 10)
+    assert_pool_whole(engine)
+
+
+def test_a_later_piece_starts_a_new_segment_as_the_request_encodes_it(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    _stream(engine, VALUE)
+    engine.extend("r/prefill", ["", " Review:"])  # the input is complete; the template's text follows
+    drain(engine)
+    engine.add("r", _final(), adopt="r/prefill")
+    results, _ = drain(engine)
+    prompt = 1 + len(tok.encode(KNOWN + VALUE + " Review:"))
+    assert results["r"].cached_tokens == prompt - 1  # all of it (the last token runs again for logits)
+    assert results["r"].outputs["a"] == greedy_text(model, tok, KNOWN + VALUE + " Review:", 10)
+
+
+def test_an_aborted_parked_prefill_frees_its_blocks(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    _stream(engine, VALUE)
+    assert engine.abort("r/prefill")
+    assert not engine.parked and not engine.extend("r/prefill", ["more"])
+    assert_pool_whole(engine)
+
+
+def test_a_request_whose_prefill_is_gone_prefills_as_usual(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    engine.add("r", _final(), adopt="r/prefill")  # never opened (or dropped for memory)
+    results, _ = drain(engine)
+    assert results["r"].cached_tokens == 0
+    assert results["r"].outputs["a"] == greedy_text(model, tok, KNOWN + VALUE + " Review:", 10)
+
+
+def test_parked_prefills_are_dropped_before_running_work_is_preempted(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=12, token_budget=64))
+    _stream(engine, VALUE)
+    engine.add("big", [TextSegment("q" * 100), gen(60)])
+    results, _ = drain(engine)
+    assert engine.stats["preemptions"] == 0 and "r/prefill" not in engine.parked
+    assert results["big"].outputs["a"] == greedy_text(model, tok, "q" * 100, 60)
+    assert_pool_whole(engine)
 
 
 def test_a_prefill_only_program_must_be_keyed_text(model, tok):

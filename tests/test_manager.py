@@ -15,6 +15,7 @@ from engine_server.protocol import (
     AppStats,
     ChunkSpec,
     EngineLoad,
+    ExtendPrefill,
     FunctionSpec,
     InputValue,
     Message,
@@ -81,6 +82,9 @@ class Manager:
 
     def runs(self) -> list[RunRequest]:
         return [m for _, m in self.sent if isinstance(m, RunRequest) and not m.prefill_only]
+
+    def extensions(self) -> list[ExtendPrefill]:
+        return [m for _, m in self.sent if isinstance(m, ExtendPrefill)]
 
     def prefills(self) -> list[tuple[int, RunRequest]]:
         return [(e, m) for e, m in self.sent if isinstance(m, RunRequest) and m.prefill_only]
@@ -281,8 +285,34 @@ def test_cancelling_a_waiting_request_releases_its_early_context() -> None:
     assert len(m.executor.contexts) == 0
 
 
-def test_short_known_text_is_not_prefilled_early() -> None:
+def test_a_consumer_prefills_its_producers_tokens_as_they_stream_and_adopts_them() -> None:
     m = Manager(capacity=4)
+    m.call("write", {"task": InputValue(text="sort")})
+    review = m.call("review", {"code": InputValue(var_id="write.out")}, prefix="Review: ")
+    m.executor.activate(review, "latency")
+    for delta in ("def ", "f(): ", "pass"):
+        m.executor.on_worker_message(m.engine_of("write"), WorkerDelta("write", "write.out", delta))
+    # Short known text, but its input streams: opened at the first token, then extended token by token.
+    ((engine, opened),) = m.prefills()
+    assert [s.text for s in opened.segments] == ["Review: "]
+    assert [e.pieces for e in m.extensions()] == [["", "def "], ["f(): "], ["pass"]]
+    m.finish("write", "def f(): pass")
+    (run,) = [r for r in m.runs() if r.request_id == "review"]
+    assert run.adopt == "review/prefill" and m.engine_of("review") == engine
+
+
+def test_cancelling_a_waiting_request_frees_its_early_prefill_on_the_engine() -> None:
+    m = Manager(capacity=4)
+    review = _waiting_consumer(m)
+    m.executor.activate(review, "latency")
+    m.executor.cancel([review], "test")
+    assert "review/prefill" in [msg.request_id for _, msg in m.sent if isinstance(msg, AbortRequest)]
+
+
+def test_short_known_text_is_not_prefilled_early_before_its_input_streams() -> None:
+    m = Manager(capacity=1)  # the producer waits for the engine: nothing streams yet
+    m.call("other", {"q": InputValue(text="x")})
+    m.executor.activate("other.out", "latency")
     review = _waiting_consumer(m, preamble="Review: ")
     m.executor.activate(review, "latency")
     assert m.prefills() == []
@@ -307,8 +337,11 @@ def test_a_request_waiting_on_two_inputs_prefills_again_as_the_first_arrives() -
     m.executor.activate("c.out", "latency")
     assert [len(r.segments) for _, r in m.prefills()] == [1]
     m.finish("a", "first")
-    assert [[s.text for s in r.segments] for _, r in m.prefills()][-1] == [PREAMBLE, "first", PREAMBLE]
+    # The first input's value and the text after it, up to the second input (still running, nothing streamed).
+    assert m.extensions()[-1].pieces == ["", "first", PREAMBLE, ""]
     m.finish("b", "second")
+    (run,) = [r for r in m.runs() if r.request_id == "c"]
+    assert run.adopt == "c/prefill"
     m.finish("c")
     assert len(m.executor.contexts) == 0
 

@@ -201,7 +201,15 @@ class _Sequence:
         self.output_tokens: dict[str, int] = {}
         self.finish_reasons: dict[str, FinishReason] = {}
         self.done = False
-        self.prefill_only = False  # computes and caches its prompt's contexts, then finishes
+        # A prefill-only sequence computes (and caches the keyed contexts of) the known start of
+        # a request whose input is not ready yet, then parks with its KV until that request
+        # adopts it. Text streamed into that input extends it meanwhile: the segment being
+        # streamed starts at token ``stream_start``; its text is re-encoded as it grows.
+        self.prefill_only = False
+        self.stream_start = 0
+        self.stream_text = ""
+        self.stream_dirty = False
+        self.reported = False  # its Finished was sent (once, when first computed)
 
     @property
     def pending(self) -> int:
@@ -229,6 +237,7 @@ class Engine:
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
+        self.parked: dict[str, _Sequence] = {}  # computed prefill-only sequences, oldest first
         self._order = 0
         self._pending_events: list[Event] = []  # produced outside step(), returned by the next one
         self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
@@ -287,14 +296,20 @@ class Engine:
 
     # ------------------------------------------------------------ requests
 
-    def add(self, request_id: str, segments: Sequence[Segment], *, prefill_only: bool = False) -> None:
+    def add(
+        self, request_id: str, segments: Sequence[Segment], *, prefill_only: bool = False, adopt: str = ""
+    ) -> None:
         """Queue a program; raises ValueError (and queues nothing) if it can never run.
 
         ``prefill_only``: the program is text alone, the known start of a request whose
-        inputs are not all ready yet; the engine computes it, caches its keyed contexts
-        (so the request forks them when it comes) and finishes it with no output.
+        inputs are not all ready yet; the engine computes it, caches its keyed contexts,
+        reports it finished (with no output) and keeps it parked with its KV. ``extend``
+        appends text streamed into the next input meanwhile.
+
+        ``adopt``: the id of such a prefill-only sequence; this request takes over its KV
+        for as many tokens as the two agree on, and computes only the rest.
         """
-        if any(s.request_id == request_id for s in (*self.waiting, *self.running)):
+        if any(s.request_id == request_id for s in (*self.waiting, *self.running, *self.parked.values())):
             raise ValueError(f"request {request_id!r} is already in the engine")
         keys = [s.key for s in segments if isinstance(s, GenSegment)]
         if len(set(keys)) != len(keys):
@@ -355,20 +370,46 @@ class Engine:
             seq.tokens.append(self.tokenizer.bos_id)
         self._advance(seq)
         if prefill_only:
-            ctx = self.cache.lookup(seq.boundaries, seq.tokens)
-            if ctx is None or len(ctx) < len(seq.tokens):
-                seq.done, seq.prefill_only = False, True  # it finishes once its prompt is computed
-            else:
-                seq.cached_tokens = len(seq.tokens)  # all of it is cached already: keep it so
-                ctx.released = False
+            seq.done, seq.prefill_only = False, True  # it is reported once its prompt is computed
+            seq.stream_start = len(seq.tokens)
+        elif adopt:
+            self._adopt(seq, adopt)
         if seq.done:  # no outputs at all: nothing to run
             self._pending_events.append(Finished(request_id, self._result(seq)))
             return
         self.waiting.append(seq)
 
+    def extend(self, request_id: str, pieces: Sequence[str]) -> bool:
+        """Append streamed text to a prefill-only sequence; False if it is not here (any more).
+
+        ``pieces[0]`` continues the segment being streamed; each later piece starts a new
+        segment (a later part of the prompt), so tokens break where the request's own
+        program breaks them. The text is re-encoded before the next step, and its last
+        token is held back while it may still merge with text to come.
+        """
+        seq = self.parked.get(request_id) or next(
+            (s for s in (*self.waiting, *self.running) if s.request_id == request_id and s.prefill_only), None
+        )
+        if seq is None:
+            return False
+        for i, piece in enumerate(pieces):
+            if i:
+                self._encode_stream(seq, final=True)
+                seq.stream_start, seq.stream_text = len(seq.tokens), ""
+            seq.stream_text += piece
+        seq.stream_dirty = True
+        if request_id in self.parked:  # back into the queue, to compute what was added
+            del self.parked[request_id]
+            self.waiting.append(seq)
+        return True
+
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is, with its unsent events; True if it was there."""
         self._pending_events = [e for e in self._pending_events if e.request_id != request_id]
+        parked = self.parked.pop(request_id, None)
+        if parked is not None:
+            self._release(parked)
+            return True
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -388,9 +429,10 @@ class Engine:
         results already produced (Finished events) are still returned by the next step().
         """
         dropped = [s.request_id for s in self.running]
-        for seq in self.running:
+        for seq in (*self.running, *self.parked.values()):
             self._release(seq)
         self.running.clear()
+        self.parked.clear()
         gone = set(dropped)
         self._pending_events = [e for e in self._pending_events if e.request_id not in gone]
         self.cache.clear()
@@ -446,6 +488,11 @@ class Engine:
         # Events collect in _pending_events until the step returns, so results produced
         # before a failure later in the step are still delivered.
         events = self._pending_events
+        for seq in (*self.waiting, *self.running):
+            if seq.stream_dirty:
+                self._encode_stream(seq)
+                if seq.pending == 0 and seq.num_computed:  # nothing new to compute (held back)
+                    self._park(seq, events)
         self._admit()
         batch = self._schedule()
         if batch:
@@ -458,10 +505,8 @@ class Engine:
             for seq, n in ordered:
                 seq.num_computed += n
                 self._register_contexts(seq)
-                if seq.prefill_only and seq.pending == 0:  # its contexts are cached: done
-                    self.running.remove(seq)
-                    self._release(seq)
-                    events.append(Finished(seq.request_id, self._result(seq)))
+                if seq.prefill_only and seq.pending == 0:
+                    self._park(seq, events)
             for seq, token in zip(sampling, self._sample(logits, sampling, events)):
                 if token is not None:
                     self._on_token(seq, token, events)
@@ -525,12 +570,15 @@ class Engine:
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_running:
                 return
-            ctx = self.cache.lookup(seq.boundaries, seq.tokens)
-            cached = len(ctx) if ctx is not None else 0
+            # A sequence that holds KV already (a parked prefill extended, or a request that
+            # adopted one) continues from it; any other forks the longest cached context.
+            ctx = None if seq.blocks else self.cache.lookup(seq.boundaries, seq.tokens)
+            cached = len(ctx) if ctx is not None else seq.num_computed
             if any(inflight.get(key) == n and n > cached for key, n in seq.boundaries):
                 continue
             start = min(cached, len(seq.tokens) - 1)  # the last token must run to give logits
-            needed = self.pool.blocks_for(len(seq.tokens)) - self.pool.blocks_for(start) + 1
+            held = len(seq.blocks) or self.pool.blocks_for(start)
+            needed = self.pool.blocks_for(len(seq.tokens)) - held + 1
             if self.running and reclaimable is None:
                 # Blocks eviction would really free: held by an evictable context and no one else.
                 refs = self.pool.refcount
@@ -579,7 +627,7 @@ class Engine:
         while True:
             if self._writable(seq, seq.num_computed, seq.num_computed + n):
                 return True
-            if self.cache.evict_one():
+            if self.cache.evict_one() or self._drop_parked():
                 continue
             if len(self.running) == 1 and seq.context is not None:
                 # Alone and still short: let go of the context it forked (its own block
@@ -591,6 +639,13 @@ class Engine:
             self._preempt(victim)
             if victim is seq:
                 return False
+
+    def _drop_parked(self) -> bool:
+        """Free the oldest parked prefill (an optimisation, so it goes before any running work)."""
+        if not self.parked:
+            return False
+        self._release(self.parked.pop(next(iter(self.parked))))
+        return True
 
     def _writable(self, seq: _Sequence, start: int, end: int) -> bool:
         """Copy shared blocks in [start, end) and append new ones; False if the pool ran dry."""
@@ -622,6 +677,50 @@ class Engine:
         # Back in arrival order (ahead of anything younger that is waiting).
         at = next((i for i, w in enumerate(self.waiting) if w.order > seq.order), len(self.waiting))
         self.waiting.insert(at, seq)
+
+    def _park(self, seq: _Sequence, events: list[Event]) -> None:
+        """A prefill-only sequence is computed: report it (the first time) and keep its KV aside."""
+        (self.running if seq in self.running else self.waiting).remove(seq)
+        self.parked[seq.request_id] = seq
+        if not seq.reported:
+            seq.reported = True
+            events.append(Finished(seq.request_id, self._result(seq)))
+
+    def _encode_stream(self, seq: _Sequence, final: bool = False) -> None:
+        """Re-encode the streamed segment: keep the tokens that did not change, replace the rest.
+
+        Its last token is held back unless the segment is ``final``: it may still merge
+        with text to come, and a wrong guess would have to be recomputed.
+        """
+        seq.stream_dirty = False
+        ids = self._encode(seq.stream_text, first=False) if seq.stream_text else []
+        if not final:
+            ids = ids[:-1]
+        old = seq.tokens[seq.stream_start :]
+        same = _common_prefix(old, ids)
+        if same < len(old):
+            del seq.tokens[seq.stream_start + same :]
+            self._rewind(seq, len(seq.tokens))
+        seq.tokens.extend(ids[same:])
+        seq.prompt_tokens = len(seq.tokens)
+
+    def _adopt(self, seq: _Sequence, stream_id: str) -> None:
+        """Start ``seq`` from a prefill-only sequence's KV, as far as their tokens agree."""
+        stream = self.parked.pop(stream_id, None)
+        if stream is None:
+            stream = next((s for s in (*self.waiting, *self.running) if s.request_id == stream_id), None)
+            if stream is None:
+                return  # dropped for memory, or never arrived: prefill as usual
+            (self.waiting if stream in self.waiting else self.running).remove(stream)
+        n = min(_common_prefix(stream.tokens[: stream.num_computed], seq.tokens), len(seq.tokens) - 1)
+        if n <= 0:
+            self._release(stream)
+            return
+        seq.blocks, seq.context, seq.last_context = stream.blocks, stream.context, stream.last_context
+        stream.blocks, stream.context, stream.last_context = [], None, None
+        seq.num_computed = seq.cached_tokens = n
+        self._trim_blocks(seq)
+        seq.registered = sum(1 for _, length in seq.boundaries if length <= n)
 
     def _release(self, seq: _Sequence) -> None:
         self.pool.decref(seq.blocks)
@@ -871,6 +970,14 @@ def _move_trailing_spaces(text: TextSegment, output: GenSegment) -> tuple[TextSe
 
 def _shorten(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _cumsum(xs: list[int]) -> list[int]:

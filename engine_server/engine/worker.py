@@ -28,6 +28,7 @@ import zmq
 from engine_server.models import resolve_model
 from engine_server.protocol import (
     AbortRequest,
+    ExtendPrefill,
     ProtocolError,
     ReleaseContexts,
     ReplayGuard,
@@ -197,10 +198,14 @@ class Worker:
                 self.engine.release_contexts(msg.keys)
             elif isinstance(msg, AbortRequest):
                 self.engine.abort(msg.request_id)
+            elif isinstance(msg, ExtendPrefill):
+                self.engine.extend(msg.request_id, msg.pieces)
 
     def submit(self, req: RunRequest) -> None:
         try:
-            self.engine.add(req.request_id, to_engine_segments(req.segments), prefill_only=req.prefill_only)
+            self.engine.add(
+                req.request_id, to_engine_segments(req.segments), prefill_only=req.prefill_only, adopt=req.adopt
+            )
         except Exception as exc:  # a request that can never run fails alone
             self.send(WorkerFailed(req.request_id, f"{type(exc).__name__}: {exc}"))
 

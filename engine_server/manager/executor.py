@@ -25,6 +25,7 @@ from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
     AbortRequest,
     ActivationDone,
+    ExtendPrefill,
     AppStats,
     EngineLoad,
     InputLink,
@@ -195,6 +196,11 @@ class Executor:
                 self.publish(RequestFirstToken(node.app_id, node.id, engine_id, ttft, time.time()))
             node.streamed.setdefault(msg.var_id, []).append(msg.text)
             self.publish(TokenDelta(node.app_id, msg.var_id, msg.text))
+            if self.early_prefill and msg.var_id in self.graph.variables:
+                # Consumers waiting on this text prefill it as it streams.
+                for consumer in self.graph.consumers(msg.var_id):
+                    if consumer.state == "waiting" and consumer.perf is not None:
+                        self._prefill_early(consumer)
         elif isinstance(msg, WorkerDone):
             self._finish(node, msg)
         elif isinstance(msg, WorkerFailed):
@@ -220,7 +226,7 @@ class Executor:
             self.graph.max_context = hello.max_context
         self.scheduler.engine_ready(hello.engine_id, capacity or hello.max_running, hello.kv_blocks, hello.block_size)
         for node in list(self.graph.requests.values()):  # requested before any engine could take them
-            if node.state == "waiting" and node.perf is not None and not node.early_prefix:
+            if node.state == "waiting" and node.perf is not None and node.early_engine is None:
                 self._prefill_early(node)
         self.pump()
 
@@ -276,7 +282,12 @@ class Executor:
             for var_id in node.outputs.values():
                 self.graph.variables[var_id].state = "running"
             assert node.segments is not None  # fixed when it was queued
-            self.send_to_engine(engine_id, RunRequest(node.id, node.segments))
+            adopt = ""
+            if node.early_engine == engine_id:
+                adopt, node.early_engine, node.early_held = f"{node.id}/prefill", None, []
+            else:
+                self._drop_stream(node)  # placed elsewhere after all
+            self.send_to_engine(engine_id, RunRequest(node.id, node.segments, adopt=adopt))
             self.publish(
                 RequestDispatched(node.app_id, node.id, engine_id, time.time(), node.perf or "", node.group or "", node.attempts)
             )
@@ -306,30 +317,56 @@ class Executor:
         self._publish_queued(node)
 
     def _prefill_early(self, node: RequestNode) -> None:
-        """An activated request waits on an input: prefill the text before it now, on the engine
-        that will run the request, so that only the rest is prefilled once the input arrives.
+        """An activated request waits on an input: prefill what is known of its prompt now, on
+        the engine that will run it, so that little is left to prefill once the input arrives.
 
-        The contexts are referenced (so not released) until the request is queued or ends.
+        What is known: the text up to its first unready input and, while that input's
+        producer runs, the text it has streamed so far. The first call opens a prefill-only
+        request with the keyed known text (when it is long enough to matter, or an input
+        streams into it); later calls send what was added (``ExtendPrefill``). The request
+        adopts that KV when it is dispatched there. The contexts stay referenced (not
+        released) until the request is queued or ends.
         """
         if not self.early_prefill:
             return
         segments = self.graph.known_prefix(node)
-        keys = assign_keys(segments)
-        prefix = prefix_lengths(segments)
-        if not keys or keys[-1] in node.early_prefix or prefix[keys[-1]] < EARLY_PREFILL_MIN_BYTES:
-            return  # nothing new, or too little to be worth a trip to the engine
-        engine_id = self.scheduler.prefill_engine(prefix)
-        if engine_id is None:
-            return
-        self.contexts.acquire(keys)
-        self._drop_early_prefix(node)
-        node.early_prefix = prefix
-        self.send_to_engine(engine_id, RunRequest(f"{node.id}/prefill", segments, prefill_only=True))
+        if not segments:
+            return  # its prompt starts with the input: nothing known to run ahead
+        streaming = self.graph.streaming_input(node)
+        texts = [seg.text for seg in segments]
+        if streaming is not None:
+            producer = self.graph.producer(streaming)
+            texts.append("".join(producer.streamed.get(streaming, ())) if producer is not None else "")
+        if node.early_engine is None:
+            keys = assign_keys(segments)
+            prefix = prefix_lengths(segments)
+            if streaming is None and prefix[keys[-1]] < EARLY_PREFILL_MIN_BYTES:
+                return  # too little to be worth a trip to the engine
+            engine_id = self.scheduler.prefill_engine(prefix)
+            if engine_id is None:
+                return
+            self.contexts.acquire(keys)
+            node.early_prefix, node.early_engine, node.early_held = prefix, engine_id, [seg.text for seg in segments]
+            self.send_to_engine(engine_id, RunRequest(f"{node.id}/prefill", segments, prefill_only=True))
+        pieces = _extension(node.early_held, texts)
+        if pieces is None:  # what it holds is no longer the start of the prompt: start over
+            self._drop_stream(node)
+            self._drop_early_prefix(node)
+            self._prefill_early(node)
+        elif any(pieces):
+            node.early_held = texts
+            self.send_to_engine(node.early_engine, ExtendPrefill(f"{node.id}/prefill", pieces))
 
     def _drop_early_prefix(self, node: RequestNode) -> None:
         if node.early_prefix:
             self._unused_keys += self.contexts.release(node.early_prefix)
             node.early_prefix = {}
+
+    def _drop_stream(self, node: RequestNode) -> None:
+        """Free a waiting request's early prefill on its engine (it will not be adopted)."""
+        engine_id, node.early_engine, node.early_held = node.early_engine, None, []
+        if engine_id is not None and self.scheduler.engines[engine_id].alive:
+            self.send_to_engine(engine_id, AbortRequest(f"{node.id}/prefill"))
 
     def _run_native(self, node: RequestNode) -> None:
         """A native step with its inputs ready goes straight to the tool pool (it queues there)."""
@@ -379,6 +416,7 @@ class Executor:
         if node.state in ("queued", "running", "lost"):
             self._unused_keys += self.contexts.release(node.prefix)
         self._drop_early_prefix(node)
+        self._drop_stream(node)
 
     def _finish(self, node: RequestNode, done: WorkerDone, json_vars: set[str] | None = None) -> None:
         """A request is done; ``json_vars`` are its outputs whose values are JSON text (default: JSON-schema outputs)."""
@@ -497,3 +535,15 @@ class Executor:
             app.id, app.name, app.submitted, app.done, app.failed, app.prompt_tokens, app.cached_tokens, hit_rate,
             time.time(), app.cancelled,
         )  # fmt: skip
+
+
+def _extension(held: list[str], texts: list[str]) -> list[str] | None:
+    """What to append to a prefill holding the segments ``held`` so that it holds ``texts``.
+
+    The first piece continues ``held``'s last segment, each later one starts a segment.
+    None when ``held`` is not the start of ``texts`` (a segment changed).
+    """
+    last = len(held) - 1
+    if last < 0 or len(texts) <= last or held[:last] != texts[:last] or not texts[last].startswith(held[last]):
+        return None
+    return [texts[last][len(held[last]) :], *texts[last + 1 :]]

@@ -46,8 +46,12 @@ class RequestNode:
     group: str | None = None  # task group (the consumer's id) when it is one of several producers feeding one request
     segments: list[SegmentSpec] | None = None  # the program, with context keys, fixed once it is queued
     prefix: dict[str, int] = field(default_factory=dict)  # context key -> prompt bytes up to its boundary
-    # While it waits on an input: the contexts prefilled early (the text before that input).
+    # While it waits on an input: the contexts prefilled early (the text before that input),
+    # the engine that holds that prefill, and the prompt text it holds, as segments (the last
+    # one may be the part of an input streamed so far).
     early_prefix: dict[str, int] = field(default_factory=dict)
+    early_engine: int | None = None
+    early_held: list[str] = field(default_factory=list)
     engine_id: int | None = None
     attempts: int = 0
     t_submitted: float = field(default_factory=time.monotonic)
@@ -271,6 +275,19 @@ class Graph:
             elif text := self._text(node, chunk):
                 segments.append(SegmentSpec("text", text=text))
         return segments
+
+    def streaming_input(self, node: RequestNode) -> str | None:
+        """The variable of a waiting request's first unready input, if its producer is running
+        (its text is streaming): the id, else None."""
+        for chunk in node.function.chunks:
+            if chunk.kind == "output":
+                return None
+            if chunk.kind == "input" and (var_id := node.inputs[chunk.name].var_id) is not None:
+                var = self.variables[var_id]
+                if var.state != "done":
+                    producer = self.producer(var_id)
+                    return var_id if producer is not None and producer.state == "running" else None
+        return None
 
     def known_prefix(self, node: RequestNode) -> list[SegmentSpec]:
         """The text segments of a waiting request's program up to its first unready input.

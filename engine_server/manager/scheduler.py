@@ -331,6 +331,7 @@ class Scheduler:
                 if committed + self._blocks(node, slot, cached) > slot.kv_blocks_total:
                     continue
             score = (
+                slot.engine_id == node.early_engine,  # it holds this request's own early prefill
                 cached if cached >= PREFIX_AFFINITY_MIN_BYTES else 0,
                 slot.groups[node.group] if node.group is not None else 0,
                 slot.apps[node.app_id] > 0,
