@@ -105,6 +105,8 @@ CONSTRAINT_OPTIONS: tuple[str, ...] = ("choices", "regex", "json")
 
 #: Seeds are 64-bit signed integers, as every sampler and wire format we meet takes them.
 MAX_SEED = 2**63 - 1
+# Items one output may be split into (``SamplingSpec.items``).
+MAX_ITEMS_PER_OUTPUT = 1024
 
 
 def check_sampling_option(key: str, value: object) -> object:
@@ -116,12 +118,15 @@ def check_sampling_option(key: str, value: object) -> object:
     or an unknown key); messages name the option, and callers add where it came from.
     ``temperature`` and ``top_p`` become floats, ``stop`` a tuple of strings.
     """
-    if key in ("max_tokens", "top_k", "seed"):
-        expected = {"max_tokens": "an int >= 1", "top_k": "an int >= 0", "seed": f"an int in 0..{MAX_SEED} (2**63-1)"}[key]
+    if key in ("max_tokens", "top_k", "seed", "items"):
+        expected = {
+            "max_tokens": "an int >= 1", "top_k": "an int >= 0", "seed": f"an int in 0..{MAX_SEED} (2**63-1)",
+            "items": f"an int in 0..{MAX_ITEMS_PER_OUTPUT} (0: the output is not split into items)",
+        }[key]  # fmt: skip
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"option {key!r} must be {expected}, got {describe_value(value)}")
         number = int(value)
-        low, high = {"max_tokens": (1, None), "top_k": (0, None), "seed": (0, MAX_SEED)}[key]
+        low, high = {"max_tokens": (1, None), "top_k": (0, None), "seed": (0, MAX_SEED), "items": (0, MAX_ITEMS_PER_OUTPUT)}[key]
         if number < low or (high is not None and number > high):
             raise ValueError(f"option {key!r} must be {expected}, got {number}")
         return number
@@ -179,6 +184,10 @@ class SamplingSpec:
     choices: list[str] = field(default_factory=list)
     regex: str | None = None
     json: str | None = None
+    # The output is a list, one item per line: `items` variables resolve one by one as their
+    # lines complete, so calls mapped over them start while the output is still generated.
+    # The manager splits the text; engines ignore it.
+    items: int = 0
 
     def check(self) -> None:
         """Raise ``TypeError``/``ValueError`` naming the first option that breaks the rules."""
@@ -333,7 +342,8 @@ class SubmitCall(Message):
     """One call of a semantic function: a request node of the app's DAG.
 
     ``outputs`` maps each output name to the variable id the client allocated
-    for it, so the call returns without waiting for the server.
+    for it, so the call returns without waiting for the server; ``items`` does the
+    same for the item variables of outputs split into items (``SamplingSpec.items``).
     """
 
     app_id: str
@@ -341,6 +351,7 @@ class SubmitCall(Message):
     function: FunctionSpec
     inputs: dict[str, InputValue]
     outputs: dict[str, str]
+    items: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

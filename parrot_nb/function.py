@@ -151,7 +151,12 @@ class SemanticFunction:
             SemanticVariable(client, app_id, new_id(), out, self.name, is_json=self._json_outputs[out])
             for out in self.outputs
         ]
-        submit(client, app_id, self.spec, inputs, variables)
+        items: dict[str, list[SemanticVariable]] = {}
+        for var in variables:
+            if count := self.sampling(var.name).items:
+                var.items = tuple(SemanticVariable(client, app_id, new_id(), f"{var.name}[{i}]", self.name) for i in range(count))
+                items[var.name] = list(var.items)
+        submit(client, app_id, self.spec, inputs, variables, items)
         if self._result_type is None:
             return variables[0]
         return self._result_type(*variables)
@@ -180,12 +185,20 @@ def variable_input(function: str, name: str, value: SemanticVariable, client: An
 
 
 def submit(
-    client: Any, app_id: str, spec: FunctionSpec, inputs: dict[str, InputValue], variables: list[SemanticVariable]
-) -> None:
-    """Send a call without waiting: a refusal (or a failure to send) reaches the user through its variables."""
+    client: Any, app_id: str, spec: FunctionSpec, inputs: dict[str, InputValue], variables: list[SemanticVariable],
+    items: dict[str, list[SemanticVariable]] | None = None,
+) -> None:  # fmt: skip
+    """Send a call without waiting: a refusal (or a failure to send) reaches the user through its variables.
+
+    ``items``: the item variables of outputs split into items, by output name.
+    """
+    items = items or {}
     request_id = new_id()
-    client.track(request_id, variables)
-    call = SubmitCall(app_id, request_id, spec, inputs, {v.name: v.id for v in variables})
+    everything = [*variables, *(v for vs in items.values() for v in vs)]
+    client.track(request_id, everything)
+    call = SubmitCall(
+        app_id, request_id, spec, inputs, {v.name: v.id for v in variables}, {n: [v.id for v in vs] for n, vs in items.items()}
+    )
 
     def on_reply(fut: Any) -> None:
         try:
@@ -195,7 +208,7 @@ def submit(
         else:
             error = f"the server refused the call: {reply.message}" if isinstance(reply, ErrorReply) else None
         if error is not None:
-            for v in variables:
+            for v in everything:
                 v._fail(error)
 
     client.request(call).add_done_callback(on_reply)

@@ -61,6 +61,9 @@ class SemanticVariable:
         self._parts: list[str] = []
         self._changed = threading.Condition()
         self._activated: set[str] = set()
+        # An output split into items ({{output:x items=N}}): its N item variables, one per line of
+        # its text, each ready as soon as its line is complete.
+        self.items: tuple[SemanticVariable, ...] = ()
 
     # ----------------------------------------------------------------- public
 

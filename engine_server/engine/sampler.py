@@ -33,6 +33,7 @@ class SamplingParams:
     choices: tuple[str, ...] = ()
     regex: str | None = None
     json: str | None = None
+    items: int = 0  # the manager splits such an output into items; generation ignores it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

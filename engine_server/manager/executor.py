@@ -14,6 +14,7 @@ on the engines that may cache it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -137,7 +138,7 @@ class Executor:
         if not forget:
             return []
         self.graph.forget_app(app_id)
-        targets = {v for r in app.requests for v in self.graph.requests[r].outputs.values()}
+        targets = {v for r in app.requests for v in self.graph.requests[r].variables}
         pending = [self.graph.requests[r] for r in app.requests if self.graph.requests[r].state not in TERMINAL]
         return self._cancel_upstream(pending, targets, reason)[1]
 
@@ -145,7 +146,7 @@ class Executor:
         """Free requests, variables and applications nothing can reach; return how many requests went."""
         removed = self.graph.collect()
         for node in removed:
-            for var_id in node.outputs.values():
+            for var_id in node.variables:
                 self._activated.pop(var_id, None)
         for app_id in {node.app_id for node in removed} - set(self.graph.apps):
             self.scheduler.drop_app(app_id)
@@ -196,6 +197,8 @@ class Executor:
                 self.publish(RequestFirstToken(node.app_id, node.id, engine_id, ttft, time.time()))
             node.streamed.setdefault(msg.var_id, []).append(msg.text)
             self.publish(TokenDelta(node.app_id, msg.var_id, msg.text))
+            if msg.var_id in node.items and "\n" in msg.text:
+                self._resolve_items(node, msg.var_id, None)  # a line completed: its item is ready
             if self.early_prefill and msg.var_id in self.graph.variables:
                 # Consumers waiting on this text prefill it as it streams.
                 for consumer in self.graph.consumers(msg.var_id):
@@ -279,8 +282,10 @@ class Executor:
             node.t_dispatched = time.monotonic()
             node.t_first_token = 0.0
             node.streamed = {}  # a retry streams from the start again
-            for var_id in node.outputs.values():
-                self.graph.variables[var_id].state = "running"
+            for var_id in node.variables:
+                var = self.graph.variables[var_id]
+                if var.state != "done":  # an item resolved by an earlier attempt stays resolved
+                    var.state = "running"
             assert node.segments is not None  # fixed when it was queued
             adopt = ""
             if node.early_engine == engine_id:
@@ -449,15 +454,60 @@ class Executor:
             var.state, var.value, var.json = "done", done.outputs.get(var_id, ""), var_id in json_vars
             self.publish(VarReady(var.app_id, var.id, var.value, var.json))
             self._activation_done(var.app_id, var_id, "done")
-        # Server-side dependency execution: consumers that were requested and are now ready run at once;
-        # those still waiting on another input may prefill further.
         for var_id in node.outputs.values():
-            for consumer in self.graph.consumers(var_id):
-                if consumer.state == "waiting" and consumer.perf is not None:
-                    if self.graph.is_ready(consumer):
-                        self._enqueue(consumer)
-                    else:
-                        self._prefill_early(consumer)
+            self._start_consumers(var_id)
+            if var_id in node.items:
+                self._resolve_items(node, var_id, self.graph.variables[var_id].value or "")
+
+    def _start_consumers(self, var_id: str) -> None:
+        """Server-side dependency execution: requested consumers of a variable that just resolved run
+        at once if it was their last input; those still waiting on another may prefill further."""
+        for consumer in self.graph.consumers(var_id):
+            if consumer.state == "waiting" and consumer.perf is not None:
+                if self.graph.is_ready(consumer):
+                    self._enqueue(consumer)
+                else:
+                    self._prefill_early(consumer)
+
+    def _resolve_items(self, node: RequestNode, var_id: str, final: str | None) -> None:
+        """Resolve the item variables of an output whose lines are complete.
+
+        While it streams (``final`` None) the last line may still grow, so only lines ended
+        by a newline count; at the end (``final``: the whole text) every line does, and items
+        the output did not have fail. Empty lines are skipped; a leading list marker ("- ",
+        "* ", "1. ", "2) ") is taken off.
+        """
+        lines = (final if final is not None else "".join(node.streamed.get(var_id, ()))).split("\n")
+        if final is None:
+            lines = lines[:-1]
+        items = [text for text in map(_item_text, lines) if text]
+        item_ids = node.items[var_id]
+        for item_id, value in zip(item_ids, items):
+            var = self.graph.variables[item_id]
+            if var.state == "done":
+                continue
+            var.state, var.value = "done", value
+            self.publish(VarReady(var.app_id, var.id, value))
+            self._activation_done(var.app_id, item_id, "done")
+            self._start_consumers(item_id)
+        if final is not None and len(items) < len(item_ids):
+            name = self.graph.variables[var_id].name
+            for item_id in item_ids[len(items) :]:
+                self._fail_variable(
+                    item_id,
+                    f"output {name!r} of {node.function.name!r} ended with {len(items)} item(s), not the "
+                    f"{len(item_ids)} its items option asks for (one per line); ask for them in the prompt, "
+                    "or raise max_tokens",
+                )
+
+    def _fail_variable(self, var_id: str, error: str) -> None:
+        """Fail one variable of a request that itself did not fail (a missing item), and its consumers."""
+        var = self.graph.variables[var_id]
+        var.state, var.error = "failed", error
+        self.publish(VarFailed(var.app_id, var.id, error))
+        self._activation_done(var.app_id, var_id, "failed")
+        for consumer in self.graph.consumers(var_id):
+            self._fail(consumer, f"input variable {var.name!r} failed: {error}")
 
     def _fail(self, node: RequestNode, error: str) -> None:
         """Fail a request, its outputs, and everything downstream of them."""
@@ -482,8 +532,10 @@ class Executor:
                 self.publish(RequestCancelled(node.app_id, node.id, error, time.time()))
             else:
                 self.publish(RequestFailed(node.app_id, node.id, error, time.time()))
-            for var_id in node.outputs.values():
+            for var_id in node.variables:
                 var = self.graph.variables[var_id]
+                if var.state == "done":
+                    continue  # an item resolved before the request failed keeps its value
                 var.state, var.error = "failed", error
                 self.publish(VarFailed(var.app_id, var.id, error))
                 self._activation_done(var.app_id, var_id, "failed")
@@ -547,3 +599,11 @@ def _extension(held: list[str], texts: list[str]) -> list[str] | None:
     if last < 0 or len(texts) <= last or held[:last] != texts[:last] or not texts[last].startswith(held[last]):
         return None
     return [texts[last][len(held[last]) :], *texts[last + 1 :]]
+
+
+_LIST_MARKER = re.compile(r"^(?:[-*\u2022]\s+|\d{1,3}[.)]\s+)")
+
+
+def _item_text(line: str) -> str:
+    """One line of an output split into items, without surrounding spaces and a list marker."""
+    return _LIST_MARKER.sub("", line.strip(), count=1).strip()

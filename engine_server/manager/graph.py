@@ -40,6 +40,9 @@ class RequestNode:
     function: FunctionSpec
     inputs: dict[str, InputValue]
     outputs: dict[str, str]  # output name -> variable id
+    # Output variable id -> the ids of its item variables (an output split into items, one
+    # per line: ``SamplingSpec.items``). Each resolves as its line completes.
+    items: dict[str, list[str]] = field(default_factory=dict)
     state: str = "waiting"  # waiting | queued | running | lost, then done | failed | cancelled
     perf: Perf | None = None  # set once activated (criteria propagated from a .get)
     depth: int = 0  # longest path from a root of the DAG; FIFO by depth within an app
@@ -64,6 +67,11 @@ class RequestNode:
     streamed: dict[str, list[str]] = field(default_factory=dict)
     result: WorkerDone | None = None
     error: str = ""
+
+    @property
+    def variables(self) -> list[str]:
+        """Every variable it produces: its outputs and their items."""
+        return [*self.outputs.values(), *(v for ids in self.items.values() for v in ids)]
 
 
 #: States a request never leaves.
@@ -151,11 +159,12 @@ class Graph:
                 raise GraphError(f"call of {fn.name!r}: input {name!r} must be either text or a variable reference")
             if value.var_id is not None and value.var_id not in self.variables:
                 raise GraphError(f"call of {fn.name!r}: input {name!r} refers to unknown variable {value.var_id!r}")
-        for var_id in call.outputs.values():
+        items = self._check_items(fn, call)
+        for var_id in [*call.outputs.values(), *(v for ids in call.items.values() for v in ids)]:
             if var_id in self.variables:
                 raise GraphError(f"variable id {var_id!r} already exists")
 
-        node = RequestNode(call.request_id, call.app_id, fn, dict(call.inputs), dict(call.outputs))
+        node = RequestNode(call.request_id, call.app_id, fn, dict(call.inputs), dict(call.outputs), items)
         parents = [self.producer(v.var_id) for v in call.inputs.values() if v.var_id is not None]
         node.depth = 1 + max((p.depth for p in parents if p is not None), default=-1)
         self.requests[node.id] = node
@@ -165,6 +174,8 @@ class Graph:
         app.unfinished += 1
         for name, var_id in call.outputs.items():
             self.variables[var_id] = Variable(var_id, call.app_id, name, producer=node.id)
+            for i, item_id in enumerate(items.get(var_id, ())):
+                self.variables[item_id] = Variable(item_id, call.app_id, f"{name}[{i}]", producer=node.id)
         for value in call.inputs.values():
             if value.var_id is not None:
                 self.variables[value.var_id].consumers.append(node.id)
@@ -177,7 +188,7 @@ class Graph:
         app = self.apps[node.app_id]
         app.unfinished -= 1
         setattr(app, state, getattr(app, state) + 1)
-        if any(self.variables[v].forgotten for v in node.outputs.values()):
+        if any(self.variables[v].forgotten for v in node.variables):
             self._garbage = True  # dropped while it ran: it can go now
 
     # ----------------------------------------------------------------- forgetting
@@ -196,7 +207,7 @@ class Graph:
     def forget_app(self, app_id: str) -> None:
         """Every variable of the application is dropped (its client is gone)."""
         for request_id in self.apps[app_id].requests:
-            self.forget(list(self.requests[request_id].outputs.values()))
+            self.forget(self.requests[request_id].variables)
 
     def collect(self) -> list[RequestNode]:
         """Free what nothing can reach any more; return the requests removed.
@@ -216,7 +227,7 @@ class Graph:
             if (
                 node.state in ("queued", "running", "lost")
                 or (node.state == "waiting" and node.perf is not None)
-                or any(not self.variables[v].forgotten for v in node.outputs.values())
+                or any(not self.variables[v].forgotten for v in node.variables)
             ):
                 stack.append(node)
         while stack:
@@ -236,7 +247,7 @@ class Graph:
     def _remove(self, node: RequestNode) -> None:
         del self.requests[node.id]
         self.apps[node.app_id].requests.discard(node.id)
-        for var_id in node.outputs.values():
+        for var_id in node.variables:
             del self.variables[var_id]
         for value in node.inputs.values():
             var = self.variables.get(value.var_id) if value.var_id else None
@@ -387,6 +398,20 @@ class Graph:
                 f"{where}: max_tokens={output.sampling.max_tokens} is more than the served model's whole "
                 f"context ({self.max_context} tokens, prompt included); lower max_tokens"
             )
+
+    @staticmethod
+    def _check_items(fn: FunctionSpec, call: SubmitCall) -> dict[str, list[str]]:
+        """Item variables: as many as the output's ``items`` option says, for outputs that have it."""
+        wanted = {c.name: c.sampling.items for c in fn.chunks if c.kind == "output" and c.sampling and c.sampling.items}
+        if set(call.items) != set(wanted) or any(len(call.items[n]) != k for n, k in wanted.items()):
+            raise GraphError(
+                f"call of {fn.name!r}: item variables {({n: len(v) for n, v in call.items.items()})} do not match "
+                f"the outputs' items option {wanted}"
+            )
+        ids = [v for vs in call.items.values() for v in vs]
+        if len(set(ids)) != len(ids) or set(ids) & set(call.outputs.values()):
+            raise GraphError(f"call of {fn.name!r}: each item variable needs an id of its own")
+        return {call.outputs[name]: list(vs) for name, vs in call.items.items()}
 
     @staticmethod
     def _check_native(fn: FunctionSpec, outputs: list[str]) -> None:
