@@ -199,7 +199,7 @@ def test_parsed_template_is_hashable_and_picklable():
 
 def test_option_keys():
     assert OPTION_KEYS == frozenset(
-        {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "choices", "regex", "json"}
+        {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "choices", "regex", "json", "items"}
     )
 
 
@@ -501,7 +501,7 @@ def test_unknown_option_lists_allowed():
     assert (err.line, err.column, err.placeholder) == (1, 14, "{{output:a max_token=5}}")
     assert err.reason == (
         "unknown option 'max_token' (did you mean 'max_tokens'?); allowed options: "
-        "choices, ignore_eos, json, max_tokens, regex, seed, stop, temperature, top_k, top_p"
+        "choices, ignore_eos, items, json, max_tokens, regex, seed, stop, temperature, top_k, top_p"
     )
 
 
@@ -654,7 +654,7 @@ def test_validate_options_rejects_unknown_key():
         validate_options({"temprature": 0.5}, where="defaults")
     assert str(info.value) == (
         "defaults: unknown option 'temprature' (did you mean 'temperature'?); allowed "
-        "options: choices, ignore_eos, json, max_tokens, regex, seed, stop, temperature, top_k, top_p"
+        "options: choices, ignore_eos, items, json, max_tokens, regex, seed, stop, temperature, top_k, top_p"
     )
 
 
