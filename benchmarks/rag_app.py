@@ -195,9 +195,24 @@ class Server:
             time.sleep(0.1)
         self.info = ConnectionInfo.read(self.connection_file)
 
-    def use(self) -> None:
+        self.delayed: dict[float, tuple[subprocess.Popen, Path]] = {}
+
+    def use(self, rtt_ms: float = 0.0) -> None:
+        """Connect this process's session, directly or through a simulated network of ``rtt_ms``."""
+        path = self.connection_file
+        if rtt_ms:
+            if rtt_ms not in self.delayed:
+                out = self.connection_file.with_name(f"{self.connection_file.stem}.rtt{rtt_ms:g}.json")
+                proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "netdelay.py"), "--server",
+                                         str(self.connection_file), "--out", str(out), "--one-way-ms", str(rtt_ms / 2)])  # fmt: skip
+                while not out.exists():
+                    if proc.poll() is not None:
+                        raise RuntimeError("the network delay proxy did not start")
+                    time.sleep(0.05)
+                self.delayed[rtt_ms] = proc, out
+            path = self.delayed[rtt_ms][1]
         parrot_nb.disconnect()
-        parrot_nb.connect(self.connection_file)
+        parrot_nb.connect(path)
         while parrot_nb.status().engines[0].state != "ready":
             time.sleep(0.1)
 
@@ -206,6 +221,9 @@ class Server:
         return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
     def stop(self) -> None:
+        for proc, _ in self.delayed.values():
+            proc.terminate()
+            proc.wait()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -214,6 +232,19 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def timeline(server: Server, since: int, t0: float) -> list[str]:
+    """What the server did during one run, in order: event, function, seconds since the run began."""
+    queued = {e["request_id"]: e["function"] for e in server.events() if e["type"] == "RequestQueued"}
+    keep = ("RequestQueued", "RequestDispatched", "RequestFirstToken", "RequestFinished", "NativeDone", "WorkerDone")
+    out = []
+    for e in server.events()[since:]:
+        if e["type"] in keep:
+            rid = e.get("request_id", "")
+            name = queued.get(rid.split("/")[0], "?") + ("/prefill" if rid.endswith("/prefill") else "")
+            out.append(f"{e['t'] - t0:8.3f} {e['type']:<18} {name}")
+    return out
 
 
 def chain_ttft(server: Server, pre: str, topic: str) -> dict:
@@ -257,27 +288,7 @@ def make_bpe_7b(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="the model to serve (default: smollm2)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--make-7b", metavar="DIR", help="write a random Llama-2-7B-shaped checkpoint to DIR and serve it")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each configuration (default: 3)")
-    ap.add_argument("--docs", type=int, default=200_000, help="documents in the index (default: 200000)")
-    ap.add_argument("--preamble-words", type=int, default=1000, help="words of the answer's preamble (default: 1000)")
-    ap.add_argument("--out", type=Path, help="write the JSON here too")
-    args = ap.parse_args()
-    result: dict = {"command": " ".join(["python", "benchmarks/rag_app.py", *sys.argv[1:]])}
-    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
-    model = args.model
-    if args.make_7b:
-        t = time.perf_counter()
-        make_bpe_7b(Path(args.make_7b))
-        result["checkpoint_written_s"] = round(time.perf_counter() - t, 1)
-        model = args.make_7b
-    tmp = Path(tempfile.mkdtemp(prefix="rag-app-"))
+def measure(args: argparse.Namespace, model: str, tmp: Path, result: dict) -> None:
     index = tmp / "index"
     t = time.perf_counter()
     build_index(index, args.docs)
@@ -296,23 +307,30 @@ def main() -> int:
         for server in servers.values():  # warm up: load, first requests, tool workers
             server.use()
             run_app(CONFIGS[0], preamble(rng, 50), "warm up", str(index))
-        times: dict[str, list[float]] = {c["name"]: [] for c in CONFIGS}
+        result["end_to_end_s"], result["timeline_last_run"] = {}, {}
+        for rtt in args.rtt_ms:
+            times: dict[str, list[float]] = {c["name"]: [] for c in CONFIGS}
+            for r in range(args.runs):
+                for config in CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]:
+                    server = servers[config["early"]]
+                    server.use(rtt)
+                    pre = preamble(rng, args.preamble_words)
+                    question = " ".join(_words(rng, 8)) + "?"
+                    since, t0 = len(server.events()), time.time()
+                    times[config["name"]].append(run_app(config, pre, question, str(index)))
+                    if r == args.runs - 1:
+                        result["timeline_last_run"][f"{config['name']}, rtt {rtt:g} ms"] = timeline(server, since, t0)
+            base = statistics.median(times["all off"])
+            result["end_to_end_s"][f"rtt {rtt:g} ms"] = {
+                name: {"median": round(statistics.median(ts), 3), "runs": [round(t, 3) for t in ts],
+                       "speedup_vs_all_off": round(base / statistics.median(ts), 3)}
+                for name, ts in times.items()
+            }  # fmt: skip
         chain: dict[bool, list[dict]] = {True: [], False: []}
         for r in range(args.runs):
-            for config in CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]:
-                servers[config["early"]].use()
-                pre = preamble(rng, args.preamble_words)
-                question = " ".join(_words(rng, 8)) + "?"
-                times[config["name"]].append(run_app(config, pre, question, str(index)))
             for early in (r % 2 == 0, r % 2 == 1):
                 servers[early].use()
                 chain[early].append(chain_ttft(servers[early], preamble(rng, args.preamble_words), " ".join(_words(rng, 4))))
-        base = statistics.median(times["all off"])
-        result["end_to_end_s"] = {
-            name: {"median": round(statistics.median(ts), 3), "runs": [round(t, 3) for t in ts],
-                   "speedup_vs_all_off": round(base / statistics.median(ts), 3)}
-            for name, ts in times.items()
-        }  # fmt: skip
         ttft = {e: statistics.median(x["ttft_after_step1_s"] for x in chain[e]) for e in (True, False)}
         result["chain"] = {
             "with_early_prefill": chain[True], "without": chain[False],
@@ -325,6 +343,34 @@ def main() -> int:
         parrot_nb.disconnect()
         for server in servers.values():
             server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="the model to serve (default: smollm2)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--make-7b", metavar="DIR", help="write a random Llama-2-7B-shaped checkpoint to DIR and serve it")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each configuration (default: 3)")
+    ap.add_argument("--docs", type=int, default=200_000, help="documents in the index (default: 200000)")
+    ap.add_argument("--preamble-words", type=int, default=1000, help="words of the answer's preamble (default: 1000)")
+    ap.add_argument(
+        "--rtt-ms", type=float, nargs="+", default=[0.0],
+        help="simulated round trips between the notebook and the server, each measured (default: 0)",
+    )  # fmt: skip
+    ap.add_argument("--out", type=Path, help="write the JSON here too")
+    args = ap.parse_args()
+    result: dict = {"command": " ".join(["python", "benchmarks/rag_app.py", *sys.argv[1:]])}
+    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    model = args.model
+    if args.make_7b:
+        t = time.perf_counter()
+        make_bpe_7b(Path(args.make_7b))
+        result["checkpoint_written_s"] = round(time.perf_counter() - t, 1)
+        model = args.make_7b
+    with tempfile.TemporaryDirectory(prefix="rag-app-") as tmp_dir:
+        measure(args, model, Path(tmp_dir), result)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

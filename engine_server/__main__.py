@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-utilization", type=_fraction, default=None,
         help="share of the free GPU memory (after weights) the KV pool takes on cuda (default: 0.85)",
     )  # fmt: skip
+    engine.add_argument(
+        "--background-chunk", type=_natural, default=None, metavar="N",
+        help="tokens a step gives early prefills (a waiting call's known text) beside other work; 0: only "
+        "steps with nothing else (default: 256 on cuda, 0 on cpu, where prefill competes with decoding)",
+    )  # fmt: skip
     return parser
 
 
@@ -148,6 +153,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -170,7 +185,7 @@ def _fraction(text: str) -> float:
 
 def engine_options(args: argparse.Namespace) -> dict[str, str]:
     """The sizing flags that were given, as worker command-line options."""
-    names = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization")
+    names = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization", "background_chunk")
     return {name: str(getattr(args, name)) for name in names if getattr(args, name) is not None}
 
 

@@ -88,6 +88,7 @@ def _build_start_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-budget", type=int, default=None)
     parser.add_argument("--kv-cache-mb", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--background-chunk", type=int, default=None)
     return parser
 
 

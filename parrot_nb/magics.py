@@ -17,7 +17,7 @@ from parrot_nb.template import TemplateError
 PARROT_USAGE = """\
 %parrot start [--model smollm2|tiny|FILE.gguf|DIR] [--device cpu|cuda] [--port P] [--engines N]
               [--ip ADDRESS] [--max-running N] [--token-budget N] [--kv-cache-mb N]
-              [--gpu-memory-utilization F]
+              [--gpu-memory-utilization F] [--background-chunk N]
                           start an engine server in the background and connect; beyond loopback
                           (--ip 0.0.0.0) it needs the CurveZMQ keys `parrot-nb keys` writes
 %parrot connect [CONNECTION_FILE]

@@ -57,7 +57,7 @@ def require_client() -> Client:
     return client
 
 
-ENGINE_SIZING = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization")
+ENGINE_SIZING = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization", "background_chunk")
 
 
 def start(
@@ -83,7 +83,7 @@ def start(
     CurveZMQ and needs the keys that ``parrot-nb keys`` writes (it refuses to start without them).
 
     ``engine_sizing`` takes the server's engine flags by name: max_running, token_budget,
-    kv_cache_mb, gpu_memory_utilization (see ``parrot-nb serve --help``).
+    kv_cache_mb, gpu_memory_utilization, background_chunk (see ``parrot-nb serve --help``).
     """
     global _server, _log_file
     if current_client() is not None:

@@ -22,7 +22,9 @@ def test_serve_help_describes_the_server_options() -> None:
     out = _cli("serve", "--help")
     assert out.returncode == 0
     for flag in ("--model", "--device", "--engines", "--port", "--ip", "--curve", "--keys-dir",
-                 "--connection-file", "--event-log", "--max-running", "--token-budget", "--kv-cache-mb", "--gpu-memory-utilization"):  # fmt: skip
+                 "--connection-file", "--event-log", "--max-running", "--token-budget", "--kv-cache-mb", "--gpu-memory-utilization",
+                 "--background-chunk", "--tool-workers", "--tool-timeout", "--tool-memory-mb", "--allow-native", "--no-native",
+                 "--no-early-prefill"):  # fmt: skip
         assert flag in out.stdout
 
 

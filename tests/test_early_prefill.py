@@ -36,8 +36,13 @@ def _run_chain(server: ServerProcess, task: str) -> dict:
     return {"events": events, "ids": ids, "done": done, "finished": finished}
 
 
+# On a CPU early prefills wait for idle steps by default (prefill competes with decoding there);
+# these tests give them a background chunk, as a GPU engine does, to see them run beside a producer.
+BACKGROUND = ("--background-chunk", "64")
+
+
 def test_a_waiting_call_prefills_its_preamble_while_its_input_is_generated(tmp_path) -> None:
-    server = ServerProcess(tmp_path)
+    server = ServerProcess(tmp_path, *BACKGROUND)
     try:
         run = _run_chain(server, "count words")
     finally:
@@ -51,7 +56,7 @@ def test_a_waiting_call_prefills_its_preamble_while_its_input_is_generated(tmp_p
 
 
 def test_with_early_prefill_off_the_call_prefills_everything_itself(tmp_path) -> None:
-    server = ServerProcess(tmp_path, "--no-early-prefill")
+    server = ServerProcess(tmp_path, "--no-early-prefill", *BACKGROUND)
     try:
         run = _run_chain(server, "count words")
     finally:
@@ -61,7 +66,7 @@ def test_with_early_prefill_off_the_call_prefills_everything_itself(tmp_path) ->
 
 
 def test_a_consumer_prefills_its_producers_text_as_it_streams(tmp_path) -> None:
-    server = ServerProcess(tmp_path)
+    server = ServerProcess(tmp_path, *BACKGROUND)
     try:
         parrot_nb.connect(server.connection_file)
         # ASCII only, so that its text is one byte token per character however it is cut.

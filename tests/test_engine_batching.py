@@ -404,3 +404,23 @@ def test_a_prefill_only_program_must_be_keyed_text(model, tok):
         engine.add("x", [TextSegment(SYSTEM, "k"), gen(3)], prefill_only=True)
     with pytest.raises(ValueError, match="prefill-only program is text with context keys"):
         engine.add("y", [TextSegment(SYSTEM)], prefill_only=True)
+
+
+def test_a_prefill_only_program_waits_for_a_step_without_other_work_on_a_cpu(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64))
+    engine.add("r", [TextSegment("Q: "), gen(8)])
+    engine.add("early", [TextSegment(SYSTEM * 2, "k")], prefill_only=True)
+    order = []
+    while engine.has_work():
+        order += [e.request_id for e in engine.step() if isinstance(e, Finished)]
+    assert order == ["r", "early"]  # the request decoded alone, then the prefill ran
+
+
+def test_a_prefill_only_program_takes_a_background_chunk_beside_other_work(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64, background_chunk=4))
+    engine.add("r", [TextSegment("Q: "), gen(30)])
+    engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
+    results, events = drain(engine)
+    finished = [e.request_id for e in events if isinstance(e, Finished)]
+    assert finished == ["early", "r"]  # 4 tokens a step got it done while r decoded
+    assert results["r"].outputs["a"] == greedy_text(model, tok, "Q: ", 30)

@@ -100,6 +100,10 @@ class EngineConfig:
     # Decode reads shared prefixes once per group: None = when kernels.choose_decode_kernel
     # expects it to pay, True = whenever the batch shares a prefix, False = never.
     shared_prefix_kernel: bool | None = None
+    # Prefill-only sequences (a waiting request's known start) run behind everything else: in a
+    # step with other work they get at most this many tokens (0: none, they wait for an idle step).
+    # None: 256 on CUDA, where a decode step leaves compute to spare; 0 on a CPU, where none is.
+    background_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_running", "token_budget"):
@@ -235,6 +239,8 @@ class Engine:
         if not model.fused:
             model.fuse(triton=use_triton)  # the fused layer kernels come with the Triton path
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
+        if config.background_chunk is None:
+            config.background_chunk = 256 if self.device.type == "cuda" else 0
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.parked: dict[str, _Sequence] = {}  # computed prefill-only sequences, oldest first
@@ -604,11 +610,15 @@ class Engine:
         budget = self.config.token_budget
         batch: list[tuple[_Sequence, int]] = []
         count = len(self.running)  # only preemption (in _make_room) changes it during the loop
-        # Decodes first (one token each), then prefill chunks, oldest sequences first.
-        for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.order)):
+        # Requests' own work first: decodes (one token each), then prefill chunks, oldest sequences
+        # first; prefill-only sequences last, and only a background chunk of them beside other work.
+        background = any(not s.prefill_only and s.pending for s in self.running)
+        for seq in sorted(self.running, key=lambda s: (s.prefill_only, s.pending > 1, s.order)):
             if len(self.running) != count and seq not in self.running:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
+            if seq.prefill_only and background:
+                n = min(n, self.config.background_chunk or 0)
             if n <= 0:
                 continue
             if not self._make_room(seq, n):

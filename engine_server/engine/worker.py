@@ -308,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int)
     parser.add_argument("--kv-cache-mb", type=int)
     parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--background-chunk", type=int)
     args = parser.parse_args(argv)
     options = {
         name: getattr(args, name)
-        for name in ("max_running", "token_budget", "gpu_memory_utilization")
+        for name in ("max_running", "token_budget", "gpu_memory_utilization", "background_chunk")
         if getattr(args, name) is not None
     }
     if args.kv_cache_mb is not None:
