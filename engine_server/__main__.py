@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--background-chunk", type=_natural, default=None, metavar="N",
         help="tokens a step gives early prefills (a waiting call's known text) beside other work; 0: only "
-        "steps with nothing else (default: 256 on cuda, 0 on cpu, where prefill competes with decoding)",
+        "steps with nothing else (default: 512 on cuda, 0 on cpu, where prefill competes with decoding); text streamed into one waits for a whole chunk",
     )  # fmt: skip
     return parser
 

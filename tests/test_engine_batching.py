@@ -424,3 +424,16 @@ def test_a_prefill_only_program_takes_a_background_chunk_beside_other_work(model
     finished = [e.request_id for e in events if isinstance(e, Finished)]
     assert finished == ["early", "r"]  # 4 tokens a step got it done while r decoded
     assert results["r"].outputs["a"] == greedy_text(model, tok, "Q: ", 30)
+
+
+def test_streamed_text_short_of_a_background_chunk_waits_while_others_decode(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64, background_chunk=8))
+    engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
+    drain(engine)  # computed alone, and parked
+    engine.add("r", [TextSegment("Q: "), gen(12)])
+    engine.extend("early", ["abcdef"])  # 5 tokens to compute (the 6th is held back): less than a chunk
+    engine.step()
+    early = next(s for s in (*engine.waiting, *engine.running) if s.request_id == "early")
+    assert early.pending == 5
+    drain(engine)  # r decodes to the end; then the stream is computed in an idle step
+    assert engine.parked["early"].pending == 0

@@ -101,8 +101,10 @@ class EngineConfig:
     # expects it to pay, True = whenever the batch shares a prefix, False = never.
     shared_prefix_kernel: bool | None = None
     # Prefill-only sequences (a waiting request's known start) run behind everything else: in a
-    # step with other work they get at most this many tokens (0: none, they wait for an idle step).
-    # None: 256 on CUDA, where a decode step leaves compute to spare; 0 on a CPU, where none is.
+    # step with other work they get chunks of this many tokens (0: none, they wait for an idle
+    # step). Text streamed into one waits until a whole chunk of it is there, since a step with
+    # any prefill in it runs eagerly, without the decode CUDA graph. None: 512 on CUDA, where a
+    # decode step leaves compute to spare; 0 on a CPU, where it does not.
     background_chunk: int | None = None
 
     def __post_init__(self) -> None:
@@ -240,7 +242,7 @@ class Engine:
             model.fuse(triton=use_triton)  # the fused layer kernels come with the Triton path
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
         if config.background_chunk is None:
-            config.background_chunk = 256 if self.device.type == "cuda" else 0
+            config.background_chunk = 512 if self.device.type == "cuda" else 0
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.parked: dict[str, _Sequence] = {}  # computed prefill-only sequences, oldest first
@@ -618,7 +620,8 @@ class Engine:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
             if seq.prefill_only and background:
-                n = min(n, self.config.background_chunk or 0)
+                chunk = self.config.background_chunk or 0
+                n = min(n, chunk) if not seq.reported or seq.pending >= chunk else 0
             if n <= 0:
                 continue
             if not self._make_room(seq, n):

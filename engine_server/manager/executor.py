@@ -26,9 +26,9 @@ from engine_server.manager.scheduler import Scheduler
 from engine_server.protocol import (
     AbortRequest,
     ActivationDone,
-    ExtendPrefill,
     AppStats,
     EngineLoad,
+    ExtendPrefill,
     InputLink,
     Message,
     NativeDone,
@@ -394,12 +394,12 @@ class Executor:
         node.t_dispatched, node.t_first_token = time.monotonic(), 0.0
         for var_id in node.outputs.values():
             self.graph.variables[var_id].state = "running"
+        self.publish(RequestDispatched(node.app_id, node.id, -1, time.time(), node.perf or "", node.group or "", node.attempts))
         fn = node.function
         self.tools.submit(
             RunNative(node.id, fn.name, fn.native, args, json_args, fn.native_memory_mb), fn.native_timeout_s,
             fn.native_memory_mb,
         )  # fmt: skip
-        self.publish(RequestDispatched(node.app_id, node.id, -1, time.time(), node.perf or "", node.group or "", node.attempts))
 
     def _publish_queued(self, node: RequestNode) -> None:
         self.publish(RequestQueued(node.app_id, node.id, node.function.name, time.time(), node.perf or "", node.group or ""))
