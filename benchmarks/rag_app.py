@@ -263,6 +263,8 @@ def chain_ttft(server: Server, pre: str, topic: str) -> dict:
     first = [e for e in events if e["type"] == "RequestFirstToken" and e["request_id"] == step2["request_id"]][-1]
     return {
         "ttft_after_step1_s": first["t"] - step1["t"],
+        "step1_s": step1["exec_s"],  # what prefilling beside it cost step 1
+        "chain_s": step2["t"] - (step1["t"] - step1["exec_s"]),  # step 1 dispatched to step 2 done
         "step2_prompt_tokens": step2["prompt_tokens"],
         "step2_cached_tokens": step2["cached_tokens"],
     }
@@ -298,6 +300,8 @@ def measure(args: argparse.Namespace, model: str, tmp: Path, result: dict) -> No
     result["index"]["one_retrieval_s"] = round(time.perf_counter() - t, 3)
     # Two servers side by side; on one GPU each takes a share of its memory for KV.
     flags = ["--tool-workers", str(QUERIES)] + (["--gpu-memory-utilization", "0.3"] if args.device == "cuda" else [])
+    if args.background_chunk is not None:
+        flags += ["--background-chunk", str(args.background_chunk)]
     servers = {
         True: Server(tmp, "early", model, args.device, *flags),
         False: Server(tmp, "late", model, args.device, *flags, "--no-early-prefill"),
@@ -336,6 +340,9 @@ def measure(args: argparse.Namespace, model: str, tmp: Path, result: dict) -> No
             "with_early_prefill": chain[True], "without": chain[False],
             "median_ttft_after_step1_s": {"with": round(ttft[True], 4), "without": round(ttft[False], 4)},
             "ttft_cut": round(1 - ttft[True] / ttft[False], 3),
+            **{f"median_{k}": {"with": round(statistics.median(x[k] for x in chain[True]), 4),
+                               "without": round(statistics.median(x[k] for x in chain[False]), 4)}
+               for k in ("step1_s", "chain_s")},
         }  # fmt: skip
         result["device"] = args.device
         result["model"] = parrot_nb.status().model
@@ -356,6 +363,10 @@ def main() -> int:
     ap.add_argument(
         "--rtt-ms", type=float, nargs="+", default=[0.0],
         help="simulated round trips between the notebook and the server, each measured (default: 0)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--background-chunk", type=int, default=None, metavar="N",
+        help="the servers' --background-chunk (default: theirs, 0: early prefills use idle steps only)",
     )  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()

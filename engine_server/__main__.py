@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     engine.add_argument(
         "--background-chunk", type=_natural, default=None, metavar="N",
-        help="tokens a step gives early prefills (a waiting call's known text) beside other work; 0: only "
-        "steps with nothing else (default: 512 on cuda, 0 on cpu, where prefill competes with decoding); text streamed into one waits for a whole chunk",
+        help="tokens a busy step gives early prefills (a waiting call's known text) beside the running "
+        "requests, which they slow down; default 0: early prefills use only steps with nothing else to do",
     )  # fmt: skip
     return parser
 

@@ -36,8 +36,8 @@ def _run_chain(server: ServerProcess, task: str) -> dict:
     return {"events": events, "ids": ids, "done": done, "finished": finished}
 
 
-# On a CPU early prefills wait for idle steps by default (prefill competes with decoding there);
-# these tests give them a background chunk, as a GPU engine does, to see them run beside a producer.
+# Early prefills wait for idle steps by default (prefill competes with decoding); these tests
+# give them a background chunk, to see them run beside a producer.
 BACKGROUND = ("--background-chunk", "64")
 
 
@@ -66,7 +66,8 @@ def test_with_early_prefill_off_the_call_prefills_everything_itself(tmp_path) ->
 
 
 def test_a_consumer_prefills_its_producers_text_as_it_streams(tmp_path) -> None:
-    server = ServerProcess(tmp_path, *BACKGROUND)
+    # Streamed text joins a busy step a whole chunk at a time: small chunks, to see it follow closely.
+    server = ServerProcess(tmp_path, "--background-chunk", "4")
     try:
         parrot_nb.connect(server.connection_file)
         # ASCII only, so that its text is one byte token per character however it is cut.
@@ -85,7 +86,7 @@ def test_a_consumer_prefills_its_producers_text_as_it_streams(tmp_path) -> None:
     ids = {e["function"]: e["request_id"] for e in events if e["type"] == "RequestQueued"}
     finished = {e["request_id"]: e for e in events if e["type"] == "RequestFinished"}
     # BOS, "Review: " and the producer's text as it streamed were computed before the consumer was
-    # dispatched: all but the last token held back (it might merge with what follows) and the
-    # last step's token or two, still on their way when the producer finished.
+    # dispatched: all but the last token held back (it might merge with what follows), the last
+    # step's token or two still on their way when the producer finished, and less than a chunk.
     assert len(value) == 40
-    assert finished[ids["st_review"]]["cached_tokens"] >= 1 + len("Review: ") + len(value) - 3
+    assert finished[ids["st_review"]]["cached_tokens"] >= 1 + len("Review: ") + len(value) - 3 - 4

@@ -406,7 +406,7 @@ def test_a_prefill_only_program_must_be_keyed_text(model, tok):
         engine.add("y", [TextSegment(SYSTEM)], prefill_only=True)
 
 
-def test_a_prefill_only_program_waits_for_a_step_without_other_work_on_a_cpu(model, tok):
+def test_a_prefill_only_program_waits_for_a_step_without_other_work_by_default(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64))
     engine.add("r", [TextSegment("Q: "), gen(8)])
     engine.add("early", [TextSegment(SYSTEM * 2, "k")], prefill_only=True)

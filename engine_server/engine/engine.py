@@ -101,11 +101,12 @@ class EngineConfig:
     # expects it to pay, True = whenever the batch shares a prefix, False = never.
     shared_prefix_kernel: bool | None = None
     # Prefill-only sequences (a waiting request's known start) run behind everything else: in a
-    # step with other work they get chunks of this many tokens (0: none, they wait for an idle
-    # step). Text streamed into one waits until a whole chunk of it is there, since a step with
-    # any prefill in it runs eagerly, without the decode CUDA graph. None: 512 on CUDA, where a
-    # decode step leaves compute to spare; 0 on a CPU, where it does not.
-    background_chunk: int | None = None
+    # step with other work they get chunks of this many tokens; 0 (the default): none, they use
+    # steps with nothing else to do. Prefill is compute-bound on a GPU as on a CPU, so a chunk
+    # beside decoding slows the running requests by about what it saves the waiting one later
+    # (measured in benchmarks/results/rag_app.md). Text streamed into one waits until a whole
+    # chunk of it is there: a step with any prefill in it runs without the decode CUDA graph.
+    background_chunk: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_running", "token_budget"):
@@ -241,8 +242,6 @@ class Engine:
         if not model.fused:
             model.fuse(triton=use_triton)  # the fused layer kernels come with the Triton path
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
-        if config.background_chunk is None:
-            config.background_chunk = 512 if self.device.type == "cuda" else 0
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.parked: dict[str, _Sequence] = {}  # computed prefill-only sequences, oldest first
@@ -620,7 +619,7 @@ class Engine:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
             if seq.prefill_only and background:
-                chunk = self.config.background_chunk or 0
+                chunk = self.config.background_chunk
                 n = min(n, chunk) if not seq.reported or seq.pending >= chunk else 0
             if n <= 0:
                 continue
