@@ -431,9 +431,29 @@ def test_streamed_text_short_of_a_background_chunk_waits_while_others_decode(mod
     engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
     drain(engine)  # computed alone, and parked
     engine.add("r", [TextSegment("Q: "), gen(12)])
+    engine.step()  # r's prefill (a step that prefills anyway would take the stream's tokens too)
     engine.extend("early", ["abcdef"])  # 5 tokens to compute (the 6th is held back): less than a chunk
     engine.step()
     early = next(s for s in (*engine.waiting, *engine.running) if s.request_id == "early")
     assert early.pending == 5
     drain(engine)  # r decodes to the end; then the stream is computed in an idle step
     assert engine.parked["early"].pending == 0
+
+
+def test_prefill_only_work_joins_a_step_that_prefills_anyway(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=256))
+    engine.add("r", [TextSegment("Q: " * 10), gen(12)])
+    engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
+    finished = [e.request_id for e in engine.step() if isinstance(e, Finished)]
+    assert finished == ["early"]  # computed in r's prefill step, not after r
+
+
+def test_prefill_only_work_waits_a_moment_after_other_work_ends(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64, idle_grace_s=60.0))
+    engine.add("r", [TextSegment("Q: "), gen(4)])
+    engine.step()
+    engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
+    for _ in range(10):
+        engine.step()
+    early = next(s for s in engine.running if s.request_id == "early")
+    assert early.num_computed == 0  # r is done, but an unblocked request might still arrive

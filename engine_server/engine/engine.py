@@ -100,13 +100,16 @@ class EngineConfig:
     # Decode reads shared prefixes once per group: None = when kernels.choose_decode_kernel
     # expects it to pay, True = whenever the batch shares a prefix, False = never.
     shared_prefix_kernel: bool | None = None
-    # Prefill-only sequences (a waiting request's known start) run behind everything else: in a
-    # step with other work they get chunks of this many tokens; 0 (the default): none, they use
-    # steps with nothing else to do. Prefill is compute-bound on a GPU as on a CPU, so a chunk
-    # beside decoding slows the running requests by about what it saves the waiting one later
-    # (measured in benchmarks/results/rag_app.md). Text streamed into one waits until a whole
-    # chunk of it is there: a step with any prefill in it runs without the decode CUDA graph.
+    # Prefill-only sequences (a waiting request's known start) run behind everything else. They
+    # join steps that prefill anyway (which run eagerly; what they add is compute alone) and steps
+    # with nothing else to do (after `idle_grace_s` without other work, so that a request a
+    # finished one unblocks is not kept waiting behind them). Beside decoding alone, a step gives
+    # them chunks of `background_chunk` tokens; 0 (the default): none, since prefill is
+    # compute-bound on a GPU as on a CPU and would slow the running requests by about what it
+    # saves later, and since it would make a CUDA-graph decode step eager (measured in
+    # benchmarks/results/rag_app.md). Streamed text waits there until a whole chunk of it is in.
     background_chunk: int = 0
+    idle_grace_s: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_running", "token_budget"):
@@ -244,6 +247,7 @@ class Engine:
         self.max_blocks_per_seq = self.pool.blocks_for(mc.max_seq_len)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
+        self._busy_until = 0.0  # prefill-only work alone waits until then (see idle_grace_s)
         self.parked: dict[str, _Sequence] = {}  # computed prefill-only sequences, oldest first
         self._order = 0
         self._pending_events: list[Event] = []  # produced outside step(), returned by the next one
@@ -612,15 +616,21 @@ class Engine:
         batch: list[tuple[_Sequence, int]] = []
         count = len(self.running)  # only preemption (in _make_room) changes it during the loop
         # Requests' own work first: decodes (one token each), then prefill chunks, oldest sequences
-        # first; prefill-only sequences last, and only a background chunk of them beside other work.
-        background = any(not s.prefill_only and s.pending for s in self.running)
+        # first; prefill-only sequences last (see EngineConfig.background_chunk).
+        others = [s for s in self.running if not s.prefill_only and s.pending]
+        now = time.perf_counter()
+        if others:
+            self._busy_until = now + self.config.idle_grace_s
+        prefilling = any(s.pending > 1 for s in others)
         for seq in sorted(self.running, key=lambda s: (s.prefill_only, s.pending > 1, s.order)):
             if len(self.running) != count and seq not in self.running:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
-            if seq.prefill_only and background:
+            if seq.prefill_only and others and not prefilling:
                 chunk = self.config.background_chunk
                 n = min(n, chunk) if not seq.reported or seq.pending >= chunk else 0
+            elif seq.prefill_only and not others and now < self._busy_until:
+                n = 0  # just idle: a request unblocked by one that finished may be on its way
             if n <= 0:
                 continue
             if not self._make_room(seq, n):
