@@ -106,14 +106,19 @@ class Executor:
         """Request a variable: activate its producers and queue those that are ready."""
         if self.graph.variables[var_id].state in ("pending", "running"):
             self._activated.setdefault(var_id, (time.monotonic(), perf))
+            waiting = []
             for node in criteria.activate(self.graph, var_id, perf):
                 if node.state == "waiting" and self.graph.is_ready(node):
                     self._enqueue(node)
                 elif node.state == "waiting":
-                    self._prefill_early(node)
+                    waiting.append(node)
                 elif node.state == "queued":
                     self.scheduler.push(node)  # its criterion was upgraded: re-queue at the new priority
             self.pump()
+            # After the requests that can run were sent: an engine takes them first, and the
+            # early prefills join their prefill step rather than hold it up.
+            for node in waiting:
+                self._prefill_early(node)
 
     def cancel(self, var_ids: list[str], reason: str) -> tuple[list[str], list[str]]:
         """Stop waiting for ``var_ids``: cancel the unfinished requests only they need.
