@@ -590,15 +590,22 @@ class EngineServer:
             env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)] if gpus else ""
         return subprocess.Popen(cmd, env=env)
 
-    def _on_worker_frames(self, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes], socket_name: str) -> tuple[bytes, Message] | None:
+        """A worker's message and who sent it; None (logged) when it does not decode or is a replay."""
         identity, rest = frames[0], frames[1:]
         try:
             env = decode(rest, self.key)
             self.guard.check(env)
         except ProtocolError as exc:
-            log.error("refused a message on the workers socket: %s", exc)
+            log.error("refused a message on the %s socket: %s", socket_name, exc)
+            return None
+        return identity, env.msg
+
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        received = self._receive(frames, "workers")
+        if received is None:
             return
-        msg = env.msg
+        identity, msg = received
         if isinstance(msg, WorkerHello):
             proc = self.engines.get(msg.engine_id)
             if proc is None or proc.popen.pid != msg.pid:
@@ -661,14 +668,10 @@ class EngineServer:
     # ----------------------------------------------------------------- tool workers
 
     def _on_tool_frames(self, frames: list[bytes]) -> None:
-        identity, rest = frames[0], frames[1:]
-        try:
-            env = decode(rest, self.key)
-            self.guard.check(env)
-        except ProtocolError as exc:
-            log.error("refused a message on the tools socket: %s", exc)
+        received = self._receive(frames, "tools")
+        if received is None:
             return
-        msg = env.msg
+        identity, msg = received
         assert self.tools is not None  # the socket is bound in bind(), with the pool
         if isinstance(msg, ToolHello):
             self.tools.on_hello(identity, msg.worker_id, msg.pid)
