@@ -55,6 +55,15 @@ def test_an_items_consumer_starts_as_soon_as_its_line_is_complete() -> None:
     assert [m.graph.variables[f"q{i}"].value for i in range(3)] == ["red fox", "blue", "green"]
 
 
+def test_the_submitted_event_lists_item_variables_as_outputs() -> None:
+    from engine_server.protocol import RequestSubmitted
+
+    m = Manager()
+    _expand(m)
+    (submitted,) = [e for e in m.events if isinstance(e, RequestSubmitted)]
+    assert submitted.outputs == {"q": "q", "q[0]": "q0", "q[1]": "q1", "q[2]": "q2"}
+
+
 def test_items_the_output_did_not_have_fail_and_so_do_their_consumers() -> None:
     m = Manager(capacity=8)
     _expand(m)

@@ -96,7 +96,9 @@ class Executor:
             if value.var_id is not None
         }
         app_name = self.graph.apps[node.app_id].name
-        self.publish(RequestSubmitted(node.app_id, node.id, node.function.name, links, dict(node.outputs), time.time(), app_name))
+        # Item variables are listed as outputs too ("queries[0]", ...), so pictures of the DAG show them.
+        outputs = {self.graph.variables[v].name: v for v in node.variables}
+        self.publish(RequestSubmitted(node.app_id, node.id, node.function.name, links, outputs, time.time(), app_name))
         failed_inputs = [v for v in self.graph.input_variables(node) if v.state == "failed"]
         if failed_inputs:
             self._fail(node, f"input variable {failed_inputs[0].name!r} failed: {failed_inputs[0].error}")
