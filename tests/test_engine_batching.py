@@ -457,3 +457,10 @@ def test_prefill_only_work_waits_a_moment_after_other_work_ends(model, tok):
         engine.step()
     early = next(s for s in engine.running if s.request_id == "early")
     assert early.num_computed == 0  # r is done, but an unblocked request might still arrive
+
+
+def test_blocks_a_parked_prefill_holds_count_as_room_when_idle(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    _stream(engine, VALUE)
+    assert engine.pool.num_used > 0 and not engine.running and not engine.waiting
+    assert engine.cached_blocks() == engine.pool.num_used  # dropped first when memory is needed

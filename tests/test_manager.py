@@ -309,6 +309,18 @@ def test_cancelling_a_waiting_request_frees_its_early_prefill_on_the_engine() ->
     assert "review/prefill" in [msg.request_id for _, msg in m.sent if isinstance(msg, AbortRequest)]
 
 
+def test_an_early_prefill_on_an_engine_that_died_is_opened_again_elsewhere() -> None:
+    m = Manager(engines=2, capacity=4)
+    m.call("write", {"task": InputValue(text="sort")})
+    review = m.call("review", {"code": InputValue(var_id="write.out")}, prefix="Review: ")
+    m.executor.activate(review, "latency")
+    m.executor.on_worker_message(m.engine_of("write"), WorkerDelta("write", "write.out", "def "))
+    ((first, _),) = m.prefills()
+    m.executor.on_engine_lost(first, "killed")  # the engine holding the prefill (not the one running "write")
+    m.executor.on_worker_message(m.engine_of("write"), WorkerDelta("write", "write.out", "def f"))
+    assert [e for e, _ in m.prefills()] == [first, 1 - first]
+
+
 def test_short_known_text_is_not_prefilled_early_before_its_input_streams() -> None:
     m = Manager(capacity=1)  # the producer waits for the engine: nothing streams yet
     m.call("other", {"q": InputValue(text="x")})

@@ -467,11 +467,12 @@ class Engine:
         }
 
     def cached_blocks(self) -> int:
-        """Blocks that only the context cache holds: evicting would free them, so they are room for new
+        """Blocks that only the context cache and parked prefills hold: evicting (or dropping the
+        prefills, which goes first when memory is short) would free them, so they are room for new
         work. (When nothing runs, every used block must be one of these.)"""
         held: dict[int, int] = {}
-        for ctx in self.cache.contexts.values():
-            for b in ctx.blocks:
+        for blocks in (*(c.blocks for c in self.cache.contexts.values()), *(s.blocks for s in self.parked.values())):
+            for b in blocks:
                 held[b] = held.get(b, 0) + 1
         refcount = self.pool.refcount
         return sum(1 for b, n in held.items() if refcount[b] == n)

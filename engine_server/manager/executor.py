@@ -349,6 +349,9 @@ class Executor:
         if streaming is not None:
             producer = self.graph.producer(streaming)
             texts.append("".join(producer.streamed.get(streaming, ())) if producer is not None else "")
+        if node.early_engine is not None and not self.scheduler.engines[node.early_engine].alive:
+            node.early_engine, node.early_held = None, []  # its engine died, and the prefill with it
+            self._drop_early_prefix(node)
         if node.early_engine is None:
             keys = assign_keys(segments)
             prefix = prefix_lengths(segments)
