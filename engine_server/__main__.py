@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     engine.add_argument(
         "--background-chunk", type=_natural, default=None, metavar="N",
-        help="tokens a decoding step gives early prefills (a waiting call's known text), which slows the "
-        "running requests; default 0: early prefills join only steps that prefill anyway or are idle",
+        help="tokens a busy step gives early prefills (a waiting call's known text), which slows the "
+        "running requests; default 0: early prefills use only steps with nothing else to do",
     )  # fmt: skip
     return parser
 

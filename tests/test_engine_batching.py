@@ -431,7 +431,7 @@ def test_streamed_text_short_of_a_background_chunk_waits_while_others_decode(mod
     engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
     drain(engine)  # computed alone, and parked
     engine.add("r", [TextSegment("Q: "), gen(12)])
-    engine.step()  # r's prefill (a step that prefills anyway would take the stream's tokens too)
+    engine.step()  # r's prefill
     engine.extend("early", ["abcdef"])  # 5 tokens to compute (the 6th is held back): less than a chunk
     engine.step()
     early = next(s for s in (*engine.waiting, *engine.running) if s.request_id == "early")
@@ -440,12 +440,13 @@ def test_streamed_text_short_of_a_background_chunk_waits_while_others_decode(mod
     assert engine.parked["early"].pending == 0
 
 
-def test_prefill_only_work_joins_a_step_that_prefills_anyway(model, tok):
+def test_prefill_only_work_stays_out_of_a_requests_prefill_step_by_default(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=256))
     engine.add("r", [TextSegment("Q: " * 10), gen(12)])
     engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
-    finished = [e.request_id for e in engine.step() if isinstance(e, Finished)]
-    assert finished == ["early"]  # computed in r's prefill step, not after r
+    engine.step()
+    early = next(s for s in engine.running if s.request_id == "early")
+    assert early.num_computed == 0  # r's first token is not delayed by it
 
 
 def test_prefill_only_work_waits_a_moment_after_other_work_ends(model, tok):

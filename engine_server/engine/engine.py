@@ -100,14 +100,14 @@ class EngineConfig:
     # Decode reads shared prefixes once per group: None = when kernels.choose_decode_kernel
     # expects it to pay, True = whenever the batch shares a prefix, False = never.
     shared_prefix_kernel: bool | None = None
-    # Prefill-only sequences (a waiting request's known start) run behind everything else. They
-    # join steps that prefill anyway (which run eagerly; what they add is compute alone) and steps
-    # with nothing else to do (after `idle_grace_s` without other work, so that a request a
-    # finished one unblocks is not kept waiting behind them). Beside decoding alone, a step gives
-    # them chunks of `background_chunk` tokens; 0 (the default): none, since prefill is
-    # compute-bound on a GPU as on a CPU and would slow the running requests by about what it
-    # saves later, and since it would make a CUDA-graph decode step eager (measured in
-    # benchmarks/results/rag_app.md). Streamed text waits there until a whole chunk of it is in.
+    # Prefill-only sequences (a waiting request's known start) run behind everything else: in
+    # steps with nothing else to do, once the engine has had no other work for `idle_grace_s`
+    # (so that a request that a finished one unblocks, usually on its way, is not kept waiting
+    # behind them). A step with other work gives them chunks of `background_chunk` tokens; 0
+    # (the default): none. Prefill is compute-bound on a GPU as on a CPU, so a chunk there slows
+    # the running requests by about what it saves later, and a decode step with prefill in it
+    # runs eagerly instead of as its CUDA graph (measured in benchmarks/results/rag_app.md).
+    # Streamed text waits for a whole chunk of it before it joins a busy step.
     background_chunk: int = 0
     idle_grace_s: float = 0.01
 
@@ -622,12 +622,11 @@ class Engine:
         now = time.perf_counter()
         if others:
             self._busy_until = now + self.config.idle_grace_s
-        prefilling = any(s.pending > 1 for s in others)
         for seq in sorted(self.running, key=lambda s: (s.prefill_only, s.pending > 1, s.order)):
             if len(self.running) != count and seq not in self.running:
                 continue  # preempted while making room for an older one
             n = min(seq.pending, budget)
-            if seq.prefill_only and others and not prefilling:
+            if seq.prefill_only and others:
                 chunk = self.config.background_chunk
                 n = min(n, chunk) if not seq.reported or seq.pending >= chunk else 0
             elif seq.prefill_only and not others and now < self._busy_until:
