@@ -465,3 +465,11 @@ def test_blocks_a_parked_prefill_holds_count_as_room_when_idle(model, tok):
     _stream(engine, VALUE)
     assert engine.pool.num_used > 0 and not engine.running and not engine.waiting
     assert engine.cached_blocks() == engine.pool.num_used  # dropped first when memory is needed
+
+
+def test_an_idle_step_gives_prefill_only_work_a_sixteenth_of_the_budget(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=64, idle_grace_s=0.0))
+    engine.add("early", [TextSegment(SYSTEM, "k")], prefill_only=True)
+    engine.step()
+    early = next(s for s in engine.running if s.request_id == "early")
+    assert early.num_computed == 64 // 16  # a request arriving now waits for one short step at most

@@ -103,7 +103,8 @@ class EngineConfig:
     # Prefill-only sequences (a waiting request's known start) run behind everything else: in
     # steps with nothing else to do, once the engine has had no other work for `idle_grace_s`
     # (so that a request that a finished one unblocks, usually on its way, is not kept waiting
-    # behind them). A step with other work gives them chunks of `background_chunk` tokens; 0
+    # behind them), and then a sixteenth of the token budget a step, so that a request arriving
+    # meanwhile waits for one short step at most (512 tokens on CUDA). A step with other work gives them chunks of `background_chunk` tokens; 0
     # (the default): none. Prefill is compute-bound on a GPU as on a CPU, so a chunk there slows
     # the running requests by about what it saves later, and a decode step with prefill in it
     # runs eagerly instead of as its CUDA graph (measured in benchmarks/results/rag_app.md).
@@ -629,8 +630,9 @@ class Engine:
             if seq.prefill_only and others:
                 chunk = self.config.background_chunk
                 n = min(n, chunk) if not seq.reported or seq.pending >= chunk else 0
-            elif seq.prefill_only and not others and now < self._busy_until:
-                n = 0  # just idle: a request unblocked by one that finished may be on its way
+            elif seq.prefill_only and not others:
+                # Just idle: a request unblocked by one that finished may be on its way.
+                n = 0 if now < self._busy_until else min(n, max(1, self.config.token_budget // 16))
             if n <= 0:
                 continue
             if not self._make_room(seq, n):
