@@ -244,8 +244,8 @@ class FunctionSpec:
     name: str
     chunks: list[ChunkSpec]
     chat: bool = False
-    # A native step (``@parrot_nb.native``): the Python function and its constant arguments,
-    # cloudpickled; its chunks are one input per variable argument and one output, ``value``.
+    # A native step (``@parrot_nb.native``): the Python function, its constant arguments and its
+    # source lines, cloudpickled; its chunks are one input per variable argument and one output, ``value``.
     # It runs in one of the server's tool workers (engine_server/tools.py), not on an engine.
     native: bytes = b""
     native_timeout_s: float = 0.0  # per-call limits; 0: the server's defaults
@@ -884,7 +884,7 @@ class ToolHello(Message):
 
 @dataclass
 class RunNative(Message):
-    """Run one native step: ``function`` is the cloudpickled (callable, constant kwargs) pair.
+    """Run one native step: ``function`` is the cloudpickled (callable, constant kwargs, source) triple.
 
     ``args`` are the variable arguments' values as text; those named in ``json_args`` are
     JSON text that the worker parses first. ``memory_mb`` bounds what the call may allocate.
