@@ -473,3 +473,12 @@ def test_an_idle_step_gives_prefill_only_work_a_sixteenth_of_the_budget(model, t
     engine.step()
     early = next(s for s in engine.running if s.request_id == "early")
     assert early.num_computed == 64 // 16  # a request arriving now waits for one short step at most
+
+
+def test_a_refused_request_frees_the_prefill_it_would_have_adopted(model, tok):
+    engine = Engine(model, tok, EngineConfig(num_blocks=64))
+    _stream(engine, VALUE)
+    with pytest.raises(ValueError, match="program too long"):
+        engine.add("r", [TextSegment(KNOWN, "k-known"), TextSegment("x" * 5000), gen(4)], adopt="r/prefill")
+    assert "r/prefill" not in engine.parked
+    assert_pool_whole(engine)

@@ -319,8 +319,17 @@ class Engine:
         appends text streamed into the next input meanwhile.
 
         ``adopt``: the id of such a prefill-only sequence; this request takes over its KV
-        for as many tokens as the two agree on, and computes only the rest.
+        for as many tokens as the two agree on, and computes only the rest. A request
+        refused here frees that prefill too: nothing else would adopt it.
         """
+        try:
+            self._add(request_id, segments, prefill_only, adopt)
+        except ValueError:
+            if adopt:
+                self.abort(adopt)
+            raise
+
+    def _add(self, request_id: str, segments: Sequence[Segment], prefill_only: bool, adopt: str) -> None:
         if any(s.request_id == request_id for s in (*self.waiting, *self.running, *self.parked.values())):
             raise ValueError(f"request {request_id!r} is already in the engine")
         keys = [s.key for s in segments if isinstance(s, GenSegment)]
