@@ -42,7 +42,7 @@ from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
 from engine_server.models import DEFAULT_MODEL, chat_format, resolve_model
-from engine_server.tools import ToolPool, tool_env
+from engine_server.tools import ToolPool
 from engine_server.protocol import (
     CONNECTION_PREFIX,
     MAX_MESSAGE_BYTES,
@@ -257,7 +257,7 @@ class EngineServer:
         self.worker_endpoint = f"tcp://{LOOPBACK}:{self.workers.bind_to_random_port(f'tcp://{LOOPBACK}')}"
         tool_endpoint = f"tcp://{LOOPBACK}:{self.tool_socket.bind_to_random_port(f'tcp://{LOOPBACK}')}"
         self.tools = ToolPool(
-            self.config.tool_workers, tool_endpoint, tool_env(self.key),
+            self.config.tool_workers, tool_endpoint, self._worker_env(),
             lambda identity, msg: self._send_frames(self.tool_socket, [identity], msg),
             self.executor.on_native_result,
             timeout_s=self.config.tool_timeout_s, memory_mb=self.config.tool_memory_mb,
@@ -570,6 +570,10 @@ class EngineServer:
 
     # ----------------------------------------------------------------- engines
 
+    def _worker_env(self) -> dict[str, str]:
+        """An engine or tool worker's environment: the key travels here, not in argv, so `ps` does not show it."""
+        return {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
+
     def _spawn_engine(self, engine_id: int) -> subprocess.Popen[bytes]:
         cmd = [
             sys.executable, "-m", "engine_server.engine.worker",
@@ -580,8 +584,7 @@ class EngineServer:
         ]  # fmt: skip
         for name, value in sorted(self.config.engine_options.items()):
             cmd += [f"--{name.replace('_', '-')}", value]
-        # The key travels in the environment, not argv, so `ps` does not show it.
-        env = {**os.environ, "PARROT_NB_KEY": self.key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}
+        env = self._worker_env()
         if self.config.device == "cuda":
             # One engine per GPU, round robin when there are more engines than GPUs (for testing).
             # With none visible (CUDA_VISIBLE_DEVICES set empty) the engine sees none either, and
@@ -682,10 +685,12 @@ class EngineServer:
             log.error("unexpected %s on the tools socket", msg.TYPE)
 
     def _supervise_tools(self) -> None:
-        if self.tools is not None and self.tools.workers:
+        if self.tools is None or not self.tools.workers:
+            return
+        if any(w.popen.poll() is not None for w in self.tools.workers.values()):
             # Results sent just before a worker exited are read before its death is judged.
             self._drain(self.tool_socket, self._on_tool_frames)
-            self.tools.supervise()
+        self.tools.supervise()
 
     def _fail_if_no_engine_left(self) -> None:
         if all(p.state == "dead" for p in self.engines.values()):

@@ -21,7 +21,6 @@ The pool is driven by the server loop (one thread) and starts workers on first u
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -224,7 +223,3 @@ def _exit_reason(code: int) -> str:
             return f"killed by signal {-code}"
     return f"exit code {code}"
 
-
-def tool_env(key: bytes) -> dict[str, str]:
-    """A tool worker's environment: the key travels here, not in argv, so `ps` does not show it."""
-    return {**os.environ, "PARROT_NB_KEY": key.decode(), "PARROT_NB_SERVER_PID": str(os.getpid())}

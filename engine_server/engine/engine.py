@@ -408,9 +408,7 @@ class Engine:
         program breaks them. The text is re-encoded before the next step, and its last
         token is held back while it may still merge with text to come.
         """
-        seq = self.parked.get(request_id) or next(
-            (s for s in (*self.waiting, *self.running) if s.request_id == request_id and s.prefill_only), None
-        )
+        seq = self._prefill_seq(request_id)
         if seq is None:
             return False
         for i, piece in enumerate(pieces):
@@ -628,7 +626,7 @@ class Engine:
         count = len(self.running)  # only preemption (in _make_room) changes it during the loop
         # Requests' own work first: decodes (one token each), then prefill chunks, oldest sequences
         # first; prefill-only sequences last (see EngineConfig.background_chunk).
-        others = [s for s in self.running if not s.prefill_only and s.pending]
+        others = any(not s.prefill_only and s.pending for s in self.running)
         now = time.perf_counter()
         if others:
             self._busy_until = now + self.config.idle_grace_s
@@ -739,11 +737,10 @@ class Engine:
 
     def _adopt(self, seq: _Sequence, stream_id: str) -> None:
         """Start ``seq`` from a prefill-only sequence's KV, as far as their tokens agree."""
-        stream = self.parked.pop(stream_id, None)
+        stream = self._prefill_seq(stream_id)
         if stream is None:
-            stream = next((s for s in (*self.waiting, *self.running) if s.request_id == stream_id), None)
-            if stream is None:
-                return  # dropped for memory, or never arrived: prefill as usual
+            return  # dropped for memory, or never arrived: prefill as usual
+        if self.parked.pop(stream_id, None) is None:
             (self.waiting if stream in self.waiting else self.running).remove(stream)
         n = min(_common_prefix(stream.tokens[: stream.num_computed], seq.tokens), len(seq.tokens) - 1)
         if n <= 0:
@@ -754,6 +751,12 @@ class Engine:
         seq.num_computed = seq.cached_tokens = n
         self._trim_blocks(seq)
         seq.registered = sum(1 for _, length in seq.boundaries if length <= n)
+
+    def _prefill_seq(self, request_id: str) -> _Sequence | None:
+        """The prefill-only sequence ``request_id``, parked, waiting or running; None if it is not here."""
+        return self.parked.get(request_id) or next(
+            (s for s in (*self.waiting, *self.running) if s.request_id == request_id and s.prefill_only), None
+        )
 
     def _release(self, seq: _Sequence) -> None:
         self.pool.decref(seq.blocks)

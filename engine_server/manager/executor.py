@@ -341,10 +341,9 @@ class Executor:
         """
         if not self.early_prefill:
             return
-        segments = self.graph.known_prefix(node)
+        segments, streaming = self.graph.known_prefix(node)
         if not segments:
             return  # its prompt starts with the input: nothing known to run ahead
-        streaming = self.graph.streaming_input(node)
         texts = [seg.text for seg in segments]
         if streaming is not None:
             producer = self.graph.producer(streaming)

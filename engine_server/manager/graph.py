@@ -287,39 +287,28 @@ class Graph:
                 segments.append(SegmentSpec("text", text=text))
         return segments
 
-    def streaming_input(self, node: RequestNode) -> str | None:
-        """The variable of a waiting request's first unready input, if its producer is running
-        (its text is streaming): the id, else None."""
-        for chunk in node.function.chunks:
-            if chunk.kind == "output":
-                return None
-            if chunk.kind == "input" and (var_id := node.inputs[chunk.name].var_id) is not None:
-                var = self.variables[var_id]
-                if var.state != "done":
-                    producer = self.producer(var_id)
-                    return var_id if producer is not None and producer.state == "running" else None
-        return None
+    def known_prefix(self, node: RequestNode) -> tuple[list[SegmentSpec], str | None]:
+        """The text segments of a waiting request's program up to its first unready input, and
+        that input's variable when its producer is running (its text is streaming), else None.
 
-    def known_prefix(self, node: RequestNode) -> list[SegmentSpec]:
-        """The text segments of a waiting request's program up to its first unready input.
-
-        They are exactly the first segments ``program`` will give once every input is
-        ready, so their context keys are the request's own. Empty for chat functions (the
-        template renders the whole conversation at once) and native steps.
+        The segments are exactly the first ones ``program`` will give once every input is
+        ready, so their context keys are the request's own. None are known for chat functions
+        (the template renders the whole conversation at once) and native steps.
         """
         if node.function.chat or node.function.native:
-            return []
+            return [], None
         segments: list[SegmentSpec] = []
         for chunk in node.function.chunks:
             if chunk.kind == "output":
                 break
             if chunk.kind == "input":
-                value = node.inputs[chunk.name]
-                if value.var_id is not None and self.variables[value.var_id].state != "done":
-                    break
+                var_id = node.inputs[chunk.name].var_id
+                if var_id is not None and self.variables[var_id].state != "done":
+                    producer = self.producer(var_id)
+                    return segments, var_id if producer is not None and producer.state == "running" else None
             if text := self._text(node, chunk):
                 segments.append(SegmentSpec("text", text=text))
-        return segments
+        return segments, None
 
     def prompt(self, node: RequestNode) -> str:
         """The request's prompt as text, for people: its program once queued, else its template filled so far.
