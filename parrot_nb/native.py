@@ -17,15 +17,16 @@ travels with the code. The step runs in one of the server's tool worker processe
 the notebook. Its result is a ``SemanticVariable``: a str as is, anything else as
 JSON (``.get()`` gives the object back, a downstream prompt gets the JSON text).
 
-The code travels with cloudpickle: functions and classes from the notebook, or from
-a module that is not installed as a package (a script, a test file), go by value;
-those of installed packages go by reference and must be importable where the
-server runs. Limits per call: ``timeout`` seconds and ``memory_mb`` of memory
+The code travels with cloudpickle: whatever the step uses from the notebook, or from
+a module that is not installed as a package (a helper module beside the notebook, a
+script, a test file), goes by value; what comes from installed packages goes by
+reference and must be importable where the server runs. Limits per call: ``timeout`` seconds and ``memory_mb`` of memory
 (default: the server's ``--tool-timeout`` and ``--tool-memory-mb``).
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
 import linecache
@@ -143,14 +144,9 @@ def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes
     code = getattr(fn, "__code__", None)
     filename = code.co_filename if code is not None else ""
     source = {"filename": filename, "lines": linecache.getlines(filename) if filename else []}
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    by_value = (
-        module is not None
-        and module.__name__ != "__main__"  # cloudpickle sends __main__'s functions by value anyway
-        and not _installed(module)
-        and module.__name__ not in cloudpickle.list_registry_pickle_by_value()
-    )
-    if by_value:
+    registered = set(cloudpickle.list_registry_pickle_by_value())
+    local = [m for m in _local_modules() if m.__name__ not in registered]
+    for module in local:
         cloudpickle.register_pickle_by_value(module)
     try:
         return cloudpickle.dumps((fn, constants, source))
@@ -160,22 +156,35 @@ def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes
             f"({type(exc).__name__}: {exc}); pass values that can be pickled (no open files, sockets or locks)"
         ) from None
     finally:
-        if by_value:
+        for module in local:
             cloudpickle.unregister_pickle_by_value(module)
 
 
-def _installed(module: ModuleType) -> bool:
-    """Whether the module comes from an installed package or the standard library (so the server has it too)."""
-    path = getattr(module, "__file__", None)
-    if path is None:
-        return True  # built in
+def _local_modules() -> list[ModuleType]:
+    """The imported modules that are not installed packages (a helper module beside the notebook, a test file).
+
+    The server cannot import them, so whatever the step uses from them (a function, a class, the
+    step itself) travels by value. ``__main__``'s objects travel by value anyway.
+    """
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or not isinstance(module, ModuleType) or "." in name:
+            continue  # a submodule goes with its top-level package
+        path = getattr(module, "__file__", None)
+        if path and not _installed_file(path, name):
+            found.append(module)
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _installed_file(path: str, name: str) -> bool:
+    """Whether the module at ``path`` comes from an installed package or the standard library (the server has it)."""
     here = Path(path).resolve()
     roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
     if any(here.is_relative_to(Path(r).resolve()) for r in roots):
         return True
-    top = sys.modules.get(module.__name__.split(".")[0])
     # Our own packages (an editable install) are on the server as well.
-    return top is not None and top.__name__ in ("parrot_nb", "engine_server", "widgets", "kernels")
+    return name in ("parrot_nb", "engine_server", "widgets", "kernels")
 
 
 def _holds_variable(value: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -267,3 +268,25 @@ def test_json_results_keep_their_values(connected) -> None:
     value = numbers(n=3)
     assert value.get(timeout=60) == {"n": 3, "half": 1.5, "ok": True, "none": None, "text": "é"}
     assert json.loads(value.text) == value.get()
+
+
+def test_a_step_may_use_a_helper_module_the_server_cannot_import(connected, tmp_path, monkeypatch) -> None:
+    # A module beside the notebook (here: in a temporary directory the server's workers do not see).
+    (tmp_path / "shop_helpers.py").write_text(
+        "class Counter:\n"
+        "    def __init__(self, text):\n"
+        "        self.words = text.split()\n"
+        "    def report(self):\n"
+        "        return f'{len(self.words)} words, longest {max(self.words, key=len)}'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shop_helpers
+
+    @native
+    def count(text: str) -> str:
+        return shop_helpers.Counter(text).report()
+
+    try:
+        assert count(text="a parrot repeats everything").get(timeout=60) == "4 words, longest everything"
+    finally:
+        sys.modules.pop("shop_helpers", None)
