@@ -180,7 +180,8 @@ def load(path: str | os.PathLike[str], overrides: dict[str, str] | None = None) 
     """Import the pipeline at ``path`` with ``--param`` overrides, for the runner.
 
     The fingerprint covers the pipeline's source and its effective parameters: a results file
-    written by another pipeline, or with other parameters, is refused by it.
+    written by another pipeline, or with other parameters, is refused by it. Its directory
+    goes first on ``sys.path``, as with ``python PIPELINE.py``: modules beside it import.
     """
     global _loading, _runner_owns_server
     path = Path(path)
@@ -193,6 +194,10 @@ def load(path: str | os.PathLike[str], overrides: dict[str, str] | None = None) 
     if spec is None or spec.loader is None:
         raise PipelineError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    # As `python pipeline.py` would: modules beside the pipeline (its notebook's helpers) import.
+    here = str(path.resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     _loading = _Loading(overrides)
     _runner_owns_server = True
     sys.modules[module_name] = module

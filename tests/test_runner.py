@@ -278,6 +278,16 @@ def test_in_a_notebook_the_progress_bar_is_a_widget(shared_server, tmp_path) -> 
     assert sorted(line["record"] for line in _lines(output)) == [0, 1]
 
 
+def test_a_pipeline_imports_the_modules_beside_it(shared_server, tmp_path) -> None:
+    (tmp_path / "record_helpers.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    pipe = _pipeline(tmp_path, "import record_helpers\n\ndef run(text):\n    return record_helpers.shout(text)")
+    inputs, output = tmp_path / "records.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text('{"text": "squawk"}\n')
+    out = _run(shared_server, inputs, output, pipeline=pipe)  # run from the repository, not the pipeline's folder
+    assert out.returncode == 0, out.stderr
+    assert [line["output"] for line in _lines(output)] == ["SQUAWK!"]
+
+
 # --------------------------------------------------------------------------- the command line
 
 
