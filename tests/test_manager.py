@@ -590,6 +590,37 @@ def test_collect_keeps_running_requests_even_when_nobody_holds_their_outputs() -
     assert m.executor.collect() == 1
 
 
+def test_activation_stops_at_finished_requests_whose_inputs_were_freed() -> None:
+    # A revision loop: draft -> revise (reads the draft) -> review (reads the revision). The client
+    # rebinds its variable to the revision, so the draft is dropped and freed once revise is done.
+    m = Manager()
+    draft = m.call("draft")
+    m.executor.activate(draft, "latency")
+    m.finish("draft")
+    revised = m.call("revise", {"x": InputValue(var_id=draft)})
+    m.executor.activate(revised, "latency")
+    m.finish("revise")
+    review = m.call("review", {"x": InputValue(var_id=revised)})
+    m.graph.forget([draft])
+    assert m.executor.collect() == 1 and draft not in m.graph.variables
+    m.executor.activate(review, "latency")  # walks up to revise, which is done: not into its freed input
+    assert m.graph.requests["review"].state == "running"
+
+
+def test_activating_a_running_request_whose_inputs_were_freed_upgrades_it() -> None:
+    m = Manager()
+    source = m.call("source")
+    m.executor.activate(source, "throughput")
+    m.finish("source")
+    reader = m.call("reader", {"x": InputValue(var_id=source)})
+    m.executor.activate(reader, "throughput")
+    assert m.graph.requests["reader"].state == "running"
+    m.graph.forget([source])
+    assert m.executor.collect() == 1
+    m.executor.activate(reader, "latency")
+    assert m.graph.requests["reader"].perf == "latency"
+
+
 def test_a_closed_app_goes_with_its_last_request_and_refuses_calls() -> None:
     m = Manager()
     app = m.open_app("closing")

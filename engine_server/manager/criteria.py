@@ -16,7 +16,7 @@ priority class stays the criterion propagated from the consumer.
 
 from __future__ import annotations
 
-from engine_server.manager.graph import Graph, RequestNode
+from engine_server.manager.graph import TERMINAL, Graph, RequestNode
 from engine_server.protocol import Perf
 
 
@@ -27,12 +27,14 @@ def activate(graph: Graph, var_id: str, perf: Perf) -> list[RequestNode]:
     seen: set[str] = set()
     while stack:
         node = graph.producer(stack.pop())
-        if node is None or node.id in seen:
-            continue
+        if node is None or node.id in seen or node.state in TERMINAL:
+            continue  # a finished producer needs nothing, and its inputs may have been freed
         seen.add(node.id)
         if node.perf is None or (perf == "latency" and node.perf == "throughput"):
             node.perf = perf
             changed[node.id] = node
+        if node.state != "waiting":
+            continue  # queued or running: its program is fixed, its inputs are read (and may be freed)
         for member in _task_group(graph, node):
             changed[member.id] = member
         stack.extend(v.var_id for v in node.inputs.values() if v.var_id is not None)
