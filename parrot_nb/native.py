@@ -32,6 +32,7 @@ import inspect
 import linecache
 import sys
 import sysconfig
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +46,8 @@ from parrot_nb.variable import SemanticVariable
 
 #: The name of a native step's one output variable.
 OUTPUT = "value"
+
+_REGISTRY_LOCK = threading.Lock()
 
 
 class NativeFunction:
@@ -144,20 +147,21 @@ def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes
     code = getattr(fn, "__code__", None)
     filename = code.co_filename if code is not None else ""
     source = {"filename": filename, "lines": linecache.getlines(filename) if filename else []}
-    registered = set(cloudpickle.list_registry_pickle_by_value())
-    local = [m for m in _local_modules() if m.__name__ not in registered]
-    for module in local:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps((fn, constants, source))
-    except Exception as exc:
-        raise TypeError(
-            f"{name}(): the function or one of its constant arguments cannot be sent to the server "
-            f"({type(exc).__name__}: {exc}); pass values that can be pickled (no open files, sockets or locks)"
-        ) from None
-    finally:
+    with _REGISTRY_LOCK:  # cloudpickle's by-value registry is global; calls come from several threads
+        registered = set(cloudpickle.list_registry_pickle_by_value())
+        local = [m for m in _local_modules() if m.__name__ not in registered]
         for module in local:
-            cloudpickle.unregister_pickle_by_value(module)
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps((fn, constants, source))
+        except Exception as exc:
+            raise TypeError(
+                f"{name}(): the function or one of its constant arguments cannot be sent to the server "
+                f"({type(exc).__name__}: {exc}); pass values that can be pickled (no open files, sockets or locks)"
+            ) from None
+        finally:
+            for module in local:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def _local_modules() -> list[ModuleType]:

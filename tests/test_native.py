@@ -270,6 +270,12 @@ def test_json_results_keep_their_values(connected) -> None:
     assert json.loads(value.text) == value.get()
 
 
+class _SlowToPickle:
+    def __reduce__(self):
+        time.sleep(0.05)
+        return (int, ())
+
+
 def test_a_step_may_use_a_helper_module_the_server_cannot_import(connected, tmp_path, monkeypatch) -> None:
     # A module beside the notebook (here: in a temporary directory the server's workers do not see).
     (tmp_path / "shop_helpers.py").write_text(
@@ -283,10 +289,23 @@ def test_a_step_may_use_a_helper_module_the_server_cannot_import(connected, tmp_
     import shop_helpers
 
     @native
-    def count(text: str) -> str:
+    def count(text: str, pause: object = None) -> str:
         return shop_helpers.Counter(text).report()
 
     try:
         assert count(text="a parrot repeats everything").get(timeout=60) == "4 words, longest everything"
+        # Records of a pipeline call steps from several threads at once.
+        texts = [" ".join(["word"] * i + ["parrot"]) for i in range(1, 9)]
+        values: list = [None] * len(texts)
+
+        def call(i: int) -> None:
+            values[i] = count(text=texts[i], pause=_SlowToPickle())  # overlapping calls
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [v.get(timeout=60) for v in values] == [f"{i + 1} words, longest parrot" for i in range(1, 9)]
     finally:
         sys.modules.pop("shop_helpers", None)
