@@ -996,7 +996,11 @@ class Monitor:
     """
 
     def __init__(self, incident: Incident | dict[str, Any]) -> None:
-        self._incident = incident if isinstance(incident, Incident) else Incident.from_json(incident)
+        if not isinstance(incident, Incident):
+            # A new incident has no label yet: what the handlers may see is the alert and the telemetry.
+            unknown = {"category": "", "fingerprint": "", "resolution": ""}
+            incident = Incident.from_json({**unknown, **incident})
+        self._incident = incident
         self._at = _parse_iso(self._incident.time)
 
     def alert(self) -> dict[str, Any]:

@@ -447,3 +447,11 @@ def test_cli_stream_writes_only_the_held_out_days(tmp_path: Path) -> None:
     _, held_out = inc.split(inc.generate(120, seed=3), held_out_days=15)
     assert rows == held_out
     assert f"held-out {len(held_out)}" in run.stderr
+
+
+def test_a_monitor_works_on_a_record_without_its_label() -> None:
+    incident = inc.generate(40, seed=3)[-1].to_json()
+    unlabelled = {k: v for k, v in incident.items() if k not in ("category", "fingerprint", "resolution")}
+    monitor = inc.Monitor(unlabelled)
+    assert monitor.alert() == inc.Monitor(incident).alert()
+    assert monitor.logs(limit=500) == inc.Monitor(incident).logs(limit=500)
