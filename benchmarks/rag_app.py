@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 import parrot_nb  # noqa: E402
-from engine_server.protocol import ConnectionInfo  # noqa: E402
 from parrot_nb import SemanticFunction, native  # noqa: E402
+from servers import Server  # noqa: E402
 
 QUERIES = 4
 QUERY_RE = "[a-z]{4,8} [a-z]{4,8} [a-z]{4,8}"
@@ -178,60 +178,6 @@ CONFIGS = [
 
 
 # ----------------------------------------------------------------------------- servers
-
-
-class Server:
-    def __init__(self, tmp: Path, name: str, model: str, device: str, *flags: str) -> None:
-        self.connection_file = tmp / f"{name}.json"
-        self.event_log = tmp / f"{name}.events.jsonl"
-        self.log = open(tmp / f"{name}.log", "wb")
-        cmd = [sys.executable, "-m", "engine_server", "--connection-file", str(self.connection_file),
-               "--event-log", str(self.event_log), "--model", model, "--device", device, *flags]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 600
-        while not self.connection_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {name} did not start; see {self.log.name}")
-            time.sleep(0.1)
-        self.info = ConnectionInfo.read(self.connection_file)
-
-        self.delayed: dict[float, tuple[subprocess.Popen, Path]] = {}
-
-    def use(self, rtt_ms: float = 0.0) -> None:
-        """Connect this process's session, directly or through a simulated network of ``rtt_ms``."""
-        path = self.connection_file
-        if rtt_ms:
-            if rtt_ms not in self.delayed:
-                out = self.connection_file.with_name(f"{self.connection_file.stem}.rtt{rtt_ms:g}.json")
-                proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "netdelay.py"), "--server",
-                                         str(self.connection_file), "--out", str(out), "--one-way-ms", str(rtt_ms / 2)])  # fmt: skip
-                while not out.exists():
-                    if proc.poll() is not None:
-                        raise RuntimeError("the network delay proxy did not start")
-                    time.sleep(0.05)
-                self.delayed[rtt_ms] = proc, out
-            path = self.delayed[rtt_ms][1]
-        parrot_nb.disconnect()
-        parrot_nb.connect(path)
-        while parrot_nb.status().engines[0].state != "ready":
-            time.sleep(0.1)
-
-    def events(self) -> list[dict]:
-        text = self.event_log.read_text()
-        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-    def stop(self) -> None:
-        for proc, _ in self.delayed.values():
-            proc.terminate()
-            proc.wait()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def timeline(server: Server, since: int, t0: float) -> list[str]:
