@@ -1,0 +1,116 @@
+"""RCACopilot over a stream of held-out incidents: the LLM's category next to the neighbours' vote.
+
+Runs the exported notebook (demos/rca_copilot.py) with ``parrot-nb run``'s runner over the
+incidents of the last ``--held-out-days`` days, each incident an application of its own, and
+scores each record's two answers against its label:
+
+    llm             the chain-of-thought prompt's category (summary + nearest past incidents)
+    neighbour vote  the nearest-neighbour baseline: the category with the most decayed similarity
+                    among the k nearest past incidents (FastText over the handlers' diagnostics)
+    majority        the most frequent category of the history, for scale
+
+    python benchmarks/rca_accuracy.py                         # CPU, SmolLM2-135M, 400 incidents
+    python benchmarks/rca_accuracy.py --model /path/to/hf-dir --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "demos"))
+
+import incidents  # noqa: E402
+
+import parrot_nb  # noqa: E402
+from parrot_nb.results import read_results  # noqa: E402
+from parrot_nb.runner import run_pipeline  # noqa: E402
+from servers import Server  # noqa: E402
+
+PIPELINE = REPO / "demos" / "rca_copilot.py"
+
+
+def score(records: list[dict], results: list[dict], majority: str) -> dict:
+    by_index = {line["record"]: line for line in results}
+    answered = [(r, by_index[i]["output"]) for i, r in enumerate(records) if "output" in by_index.get(i, {})]
+    n = len(answered)
+    llm = sum(out["category"] == r["category"] for r, out in answered)
+    vote = sum(out["neighbour_vote"] == r["category"] for r, out in answered)
+    per_category: dict[str, dict] = {}
+    for r, out in answered:
+        row = per_category.setdefault(r["category"], {"incidents": 0, "llm": 0, "neighbour_vote": 0})
+        row["incidents"] += 1
+        row["llm"] += out["category"] == r["category"]
+        row["neighbour_vote"] += out["neighbour_vote"] == r["category"]
+    return {
+        "incidents": len(records), "answered": n, "failed": len(records) - n,
+        "accuracy": {"llm": round(llm / n, 3), "neighbour_vote": round(vote / n, 3),
+                     "majority": round(sum(r["category"] == majority for r, _ in answered) / n, 3)},
+        "llm_agrees_with_vote": round(sum(out["category"] == out["neighbour_vote"] for _, out in answered) / n, 3),
+        "llm_answers": dict(Counter(out["category"] for _, out in answered).most_common()),
+        "per_category": dict(sorted(per_category.items())),
+    }  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="the model to serve (default: smollm2)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("-n", "--incidents", type=int, default=400, help="incidents in the timeline (default: 400)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--held-out-days", type=float, default=10.0)
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N held-out incidents")
+    ap.add_argument("--concurrency", type=int, default=16, help="incidents in flight at once (default: 16)")
+    ap.add_argument("--out", type=Path, help="write the JSON here too")
+    args = ap.parse_args()
+    result: dict = {"command": " ".join(["python", "benchmarks/rca_accuracy.py", *sys.argv[1:]])}
+    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    history, held_out = incidents.split(incidents.generate(args.incidents, seed=args.seed), held_out_days=args.held_out_days)
+    held_out = held_out[: args.limit]
+    majority = Counter(i.category for i in history).most_common(1)[0][0]
+    records = [i.to_json() for i in held_out]
+    params = {"n_incidents": str(args.incidents), "seed": str(args.seed), "held_out_days": str(args.held_out_days)}
+    with tempfile.TemporaryDirectory(prefix="rca-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        stream, output = tmp / "stream.jsonl", tmp / "results.jsonl"
+        stream.write_text("".join(json.dumps(r) + "\n" for r in records))
+        server = Server(tmp, "rca", args.model, args.device)
+        try:
+            server.use()
+            summary = run_pipeline(PIPELINE, stream, output, concurrency=args.concurrency, params=params, progress=False)
+            result["model"] = parrot_nb.status().model
+        finally:
+            parrot_nb.disconnect()
+            server.stop()
+        _, results = read_results(output)
+    result.update(score(records, results, majority))
+    result["errors"] = sorted({line["error"] for line in results if "error" in line})[:5]
+    result["history"] = len(history)
+    result["run"] = {"elapsed_s": round(summary.elapsed_s, 1), "incidents_per_s": round(summary.records_per_s, 3),
+                     "prompt_tokens": summary.prompt_tokens, "cached_tokens": summary.cached_tokens,
+                     "cache_hit_rate": round(summary.cache_hit_rate, 3), "output_tokens": summary.output_tokens}  # fmt: skip
+    result["device"] = args.device
+    result["examples"] = [
+        {"id": r["id"], "alert": r["alert"], "truth": r["category"], **line["output"]}
+        for r, line in zip(records, sorted(results, key=lambda line: line["record"]))
+        if "output" in line
+    ][:3]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
