@@ -350,6 +350,27 @@ def test_a_request_adopts_the_prefill_its_input_streamed_into(model, tok):
     assert_pool_whole(engine)
 
 
+def test_a_request_forks_a_longer_cached_context_rather_than_adopt_a_shorter_prefill(model, tok):
+    # The same request ran before (a question asked again): its whole prompt is cached, while
+    # the early prefill covers only the part that was known before its inputs arrived.
+    engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
+    program = [TextSegment(KNOWN, "k-known"), TextSegment(VALUE, "k-value"), TextSegment(" Review:", "k-review"), gen(10)]
+    engine.add("first", program)
+    first, _ = drain(engine)
+    engine.add("r/prefill", [TextSegment(KNOWN, "k-known")], prefill_only=True)
+    drain(engine)
+    assert "r/prefill" in engine.parked
+    before = engine.stats["forward_tokens"]
+    engine.add("r", program, adopt="r/prefill")
+    results, _ = drain(engine)
+    prompt = 1 + len(tok.encode(KNOWN + VALUE + " Review:"))
+    assert results["r"].cached_tokens == prompt - 1
+    assert engine.stats["forward_tokens"] - before == 1 + 9
+    assert results["r"].outputs["a"] == first["first"].outputs["a"]
+    assert "r/prefill" not in engine.parked
+    assert_pool_whole(engine)
+
+
 def test_a_streamed_prefix_that_turns_out_different_is_recomputed_from_where_it_differs(model, tok):
     engine = Engine(model, tok, EngineConfig(num_blocks=64, token_budget=32))
     _stream(engine, VALUE[:10] + "XYZ")

@@ -736,15 +736,20 @@ class Engine:
         seq.prompt_tokens = len(seq.tokens)
 
     def _adopt(self, seq: _Sequence, stream_id: str) -> None:
-        """Start ``seq`` from a prefill-only sequence's KV, as far as their tokens agree."""
+        """Start ``seq`` from a prefill-only sequence's KV, as far as their tokens agree.
+
+        Unless the context cache holds a longer prefix of ``seq``'s prompt: then the prefill is
+        dropped and ``seq`` forks the cached context when it is admitted, as any request does.
+        """
         stream = self._prefill_seq(stream_id)
         if stream is None:
             return  # dropped for memory, or never arrived: prefill as usual
         if self.parked.pop(stream_id, None) is None:
             (self.waiting if stream in self.waiting else self.running).remove(stream)
         n = min(_common_prefix(stream.tokens[: stream.num_computed], seq.tokens), len(seq.tokens) - 1)
-        if n <= 0:
-            self._release(stream)
+        cached = self.cache.lookup(seq.boundaries, seq.tokens)
+        if n <= 0 or (cached is not None and len(cached) > n):
+            self._release(stream)  # a longer cached context (the same prompt ran before) is worth more
             return
         seq.blocks, seq.context, seq.last_context = stream.blocks, stream.context, stream.last_context
         stream.blocks, stream.context, stream.last_context = [], None, None
