@@ -6,12 +6,14 @@ native step), critic, at most three rounds.
 
     accuracy    every held-out question, 8 at a time, each an application of its own; a question
                 is right when its final result has the reference query's rows (execution accuracy)
-    latency     the first --latency-questions questions one after another, each in both modes in
-                turn (the order alternating), per simulated round trip (--rtt-ms, through
-                benchmarks/netdelay.py):
+    latency     --latency-questions questions (other ones for each --rtt-ms, the simulated round
+                trip through benchmarks/netdelay.py) one after another, each in both modes in turn
+                (the order rotating), each mode on a server of its own so that no mode finds
+                another's prompts cached:
                   server-side     a round's calls are submitted at once; the notebook waits once,
                                   for the critic's verdict
                   one at a time   each call's value is waited for before the next call is sent
+                  server-side, no early prefill   the first, the server started with --no-early-prefill
 
     python benchmarks/autotqa_app.py                                   # CPU, SmolLM2-135M
     python benchmarks/autotqa_app.py --rtt-ms 0 250 --out benchmarks/results/autotqa_cpu.json
@@ -73,12 +75,41 @@ def main() -> int:
     ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="autotqa-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
-        server = Server(tmp, "autotqa", args.model, args.device, "--tool-workers", "4")
+        # One server per mode, each asked the same questions in the same order, so that no mode finds
+        # another's prompts cached; all on the same cores, one busy at a time.
+        modes = {"server-side": ("server_side",), "one at a time": ("one_at_a_time",),
+                 "server-side, no early prefill": ("no_early", "--no-early-prefill")}  # fmt: skip
+        servers = {mode: Server(tmp, name, args.model, args.device, "--tool-workers", "4", *flags)
+                   for mode, (name, *flags) in modes.items()}  # fmt: skip
         try:
-            server.use()
+            servers["server-side"].use()
             loaded = pipeline.load(PIPELINE, {"seed": str(args.seed)})
             answer, db_path = loaded.run.__globals__["answer"], loaded.run.__globals__["db_path"]
             questions = tables.make_questions(db_path, seed=args.seed, n=args.questions)
+            warm_up = tables.make_questions(db_path, seed=args.seed + 2, n=1)[0]
+            for mode, server in servers.items():  # the first request on a server loads its tool workers too
+                server.use()
+                ask(answer, warm_up, f"warm-up-{mode}", one_at_a_time=mode == "one at a time")
+            result["latency_s"] = {}
+            n = args.latency_questions
+            for r, rtt in enumerate(args.rtt_ms):
+                runs: dict[str, list[dict]] = {mode: [] for mode in servers}
+                for i, q in enumerate(questions[r * n : (r + 1) * n]):  # other questions for each rtt
+                    for mode in list(servers)[i % 3 :] + list(servers)[: i % 3]:  # rotated
+                        servers[mode].use(rtt)
+                        runs[mode].append(ask(answer, q, f"latency-{q.id}", one_at_a_time=mode == "one at a time"))
+                same = all(len({r["sql"] for r in group}) == 1 for group in zip(*runs.values()))
+                medians = {mode: statistics.median(r["seconds"] for r in rs) for mode, rs in runs.items()}
+                result["latency_s"][f"rtt {rtt:g} ms"] = {
+                    **{mode: {"median": round(m, 3), "runs": [r["seconds"] for r in runs[mode]],
+                              "rounds": [r["rounds"] for r in runs[mode]]} for mode, m in medians.items()},
+                    "speedup": round(medians["one at a time"] / medians["server-side"], 3),
+                    "speedup_without_early_prefill": round(
+                        medians["one at a time"] / medians["server-side, no early prefill"], 3
+                    ),
+                    "same_queries_in_every_mode": same,
+                }  # fmt: skip
+            servers["server-side"].use()
             t = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 answers = list(pool.map(lambda q: ask(answer, q, f"accuracy-{q.id}"), questions))
@@ -95,31 +126,15 @@ def main() -> int:
             }  # fmt: skip
             result["rounds"] = dict(sorted(Counter(a["rounds"] for a in answers).items()))
             result["critic_accepted_wrong"] = sum(a["verdict"] == "accept" and not a["correct"] for a in answers)
-            result["critic_rejected_right_first_time"] = sum(a["rounds"] > 1 and a["correct"] for a in answers)
+            result["right_after_a_revision"] = sum(a["rounds"] > 1 and a["correct"] for a in answers)
             result["sql_failed_to_run"] = sum(not a["ok"] for a in answers)
             result["answers"] = answers
-            result["latency_s"] = {}
-            for rtt in args.rtt_ms:
-                server.use(rtt)
-                runs: dict[str, list[dict]] = {"server-side": [], "one at a time": []}
-                for i, q in enumerate(questions[: args.latency_questions]):
-                    order = [False, True] if i % 2 == 0 else [True, False]
-                    for one in order:
-                        mode = "one at a time" if one else "server-side"
-                        runs[mode].append(ask(answer, q, f"latency-{rtt:g}-{q.id}-{int(one)}", one_at_a_time=one))
-                same = all(a["sql"] == b["sql"] for a, b in zip(runs["server-side"], runs["one at a time"]))
-                medians = {mode: statistics.median(r["seconds"] for r in rs) for mode, rs in runs.items()}
-                result["latency_s"][f"rtt {rtt:g} ms"] = {
-                    **{mode: {"median": round(m, 3), "runs": [r["seconds"] for r in runs[mode]],
-                              "rounds": [r["rounds"] for r in runs[mode]]} for mode, m in medians.items()},
-                    "speedup": round(medians["one at a time"] / medians["server-side"], 3),
-                    "same_queries_in_both_modes": same,
-                }  # fmt: skip
             result["model"] = parrot_nb.status().model
             result["device"] = args.device
         finally:
             parrot_nb.disconnect()
-            server.stop()
+            for server in servers.values():
+                server.stop()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
