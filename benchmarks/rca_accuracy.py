@@ -9,7 +9,11 @@ scores each record's two answers against its label:
                     among the k nearest past incidents (FastText over the handlers' diagnostics)
     majority        the most frequent category of the history, for scale
 
+With --neighbours-only, no LLM runs: the neighbour vote's accuracy for several k and time decays
+(the handler and the embedding of the notebook, loaded from its pipeline, scored in this process).
+
     python benchmarks/rca_accuracy.py                         # CPU, SmolLM2-135M, 400 incidents
+    python benchmarks/rca_accuracy.py --neighbours-only
     python benchmarks/rca_accuracy.py --model /path/to/hf-dir --device cuda
 """
 
@@ -60,6 +64,25 @@ def score(records: list[dict], results: list[dict], majority: str) -> dict:
     }  # fmt: skip
 
 
+def neighbour_sweep(records: list[dict], params: dict[str, str], ks=(1, 3, 5, 9), decays=(0.0, 0.01, 0.02, 0.05)) -> dict:
+    """The vote's accuracy for each k and decay, with the notebook's own handler and embedding."""
+    from parrot_nb import pipeline
+
+    loaded = pipeline.load(PIPELINE, params)
+    notebook = loaded.run.__globals__
+    nearest, vote = notebook["nearest"].fn, notebook["vote"].fn
+    index = notebook["index_dir"].name
+    diagnostics = [notebook["handle"]({k: v for k, v in r.items() if k != "category"}) for r in records]
+    table = {}
+    for decay in decays:
+        for k in ks:
+            right = sum(
+                vote(nearest(d, r["day"], index, k, decay)) == r["category"] for d, r in zip(diagnostics, records)
+            )  # fmt: skip
+            table[f"k={k}, decay={decay:g}/day"] = round(right / len(records), 3)
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="the model to serve (default: smollm2)")
@@ -69,6 +92,7 @@ def main() -> int:
     ap.add_argument("--held-out-days", type=float, default=10.0)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N held-out incidents")
     ap.add_argument("--concurrency", type=int, default=16, help="incidents in flight at once (default: 16)")
+    ap.add_argument("--neighbours-only", action="store_true", help="only the neighbour vote, for several k and decays")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
     result: dict = {"command": " ".join(["python", "benchmarks/rca_accuracy.py", *sys.argv[1:]])}
@@ -80,6 +104,21 @@ def main() -> int:
     majority = Counter(i.category for i in history).most_common(1)[0][0]
     records = [i.to_json() for i in held_out]
     params = {"n_incidents": str(args.incidents), "seed": str(args.seed), "held_out_days": str(args.held_out_days)}
+    if args.neighbours_only:
+        result["incidents"], result["history"] = len(records), len(history)
+        with tempfile.TemporaryDirectory(prefix="rca-bench-") as tmp_dir:
+            server = Server(Path(tmp_dir), "rca", "tiny", "cpu")  # loading the pipeline starts nothing else
+            try:
+                server.use()
+                result["neighbour_vote_accuracy"] = neighbour_sweep(records, params)
+            finally:
+                parrot_nb.disconnect()
+                server.stop()
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     with tempfile.TemporaryDirectory(prefix="rca-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         stream, output = tmp / "stream.jsonl", tmp / "results.jsonl"

@@ -251,10 +251,10 @@ def describe(neighbours: list) -> str:
 # ## The prompts
 #
 # The summary's instructions and the prediction's category guide are the same for every incident: a
-# shared prefix, prefilled once. The prediction is a completion prompt rather than a chat: measured on
-# 16 held-out incidents with SmolLM2-135M, the chat form's reasoning repeated the neighbour list and its
-# answer was the same category every time (1 of 16 right); this form gets 9 of 16 (see
-# `benchmarks/results/demo_apps.md`).
+# shared prefix, prefilled once. The prediction is a completion prompt rather than a chat: with
+# SmolLM2-135M, a chat form's reasoning repeated the neighbour list and its answer was the same category
+# for almost every incident. `benchmarks/rca_accuracy.py` scores this one against the neighbours' vote
+# (`benchmarks/results/demo_apps.md`).
 
 # ── cell 12: %%semantic summarize --chat --temperature 0
 summarize = SemanticFunction.from_template(
@@ -289,13 +289,13 @@ def run(id: str, day: float, time: str, service: str, alert: str, severity: int,
     neighbours = nearest(diagnostics=diagnostics, day=day, index=index_dir.name, k=k, decay_per_day=decay_per_day)
     answer = predict(summary=summary, neighbours=describe(neighbours=neighbours))
     return {"category": answer.category, "reasoning": answer.reasoning, "neighbour_vote": vote(neighbours=neighbours),
-            "summary": summary}  # fmt: skip
+            "summary": summary, "neighbours": neighbours}  # fmt: skip
 
 # ── cell 15 (markdown)
 # ## A few held-out incidents, at once
 #
 # Each incident runs as an application of its own; all of them are submitted before any is waited for.
-# This cell and the two after it are tagged `notebook-only`.
+# These cells are tagged `notebook-only`.
 
 # ── cell 16: tagged 'notebook-only', left out
 
@@ -303,8 +303,10 @@ def run(id: str, day: float, time: str, service: str, alert: str, severity: int,
 
 # ── cell 18: tagged 'notebook-only', left out
 
-# ── cell 19
-_pipeline.show_status()  # %parrot status
+# ── cell 19: tagged 'notebook-only', left out
 
 # ── cell 20
+_pipeline.show_status()  # %parrot status
+
+# ── cell 21
 _pipeline.stop()  # %parrot stop

@@ -206,10 +206,12 @@ def test_the_export_compiles_and_imports_without_ipython(tmp_path, shared_server
     assert json.loads(out.stdout.splitlines()[-1]) == ["run", {"audience": "a busy executive"}, []]
 
 
-def test_the_committed_demo_pipeline_is_the_notebooks_export() -> None:
-    expected = export_file(DEMOS / "summarize_documents.ipynb")
-    assert (DEMOS / "summarize_documents.py").read_text() == expected, (
-        "demos/summarize_documents.py is stale: parrot-nb export demos/summarize_documents.ipynb -o demos/summarize_documents.py"
+@pytest.mark.parametrize("pipeline", ["summarize_documents.py", "rca_copilot.py", "autotqa.py"])
+def test_the_committed_demo_pipeline_is_the_notebooks_export(pipeline) -> None:
+    notebook = Path(pipeline).with_suffix(".ipynb").name
+    expected = export_file(DEMOS / notebook)
+    assert (DEMOS / pipeline).read_text() == expected, (
+        f"demos/{pipeline} is stale: parrot-nb export demos/{notebook} -o demos/{pipeline}"
     )
 
 

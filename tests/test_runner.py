@@ -25,6 +25,9 @@ from parrot_nb.results import read_results
 REPO = Path(__file__).resolve().parent.parent
 DEMOS = REPO / "demos"
 PIPELINE = DEMOS / "summarize_documents.py"
+# Demo applications whose records are not documents and whose constrained outputs need a real model:
+# tests/test_demo_apps.py runs their exports on the default model, over their own generators' records.
+DEFAULT_MODEL_DEMOS = ("autotqa.ipynb", "rca_copilot.ipynb")
 
 
 def _records(tmp_path: Path, n: int, *extra_lines: str) -> Path:
@@ -241,7 +244,7 @@ def test_at_temperature_0_the_pipeline_gives_the_notebooks_outputs(shared_server
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("notebook", sorted(p.name for p in DEMOS.glob("*.ipynb")))
+@pytest.mark.parametrize("notebook", sorted(p.name for p in DEMOS.glob("*.ipynb") if p.name not in DEFAULT_MODEL_DEMOS))
 def test_the_export_of_every_demo_notebook_imports_and_runs(notebook, shared_server, tmp_path) -> None:
     exported = tmp_path / Path(notebook).with_suffix(".py").name
     exported.write_text(export_file(DEMOS / notebook))
