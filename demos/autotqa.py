@@ -26,9 +26,9 @@ from parrot_nb import SemanticFunction
 #
 # The loop is ordinary Python around semantic calls. Within a round nothing waits for the notebook: the
 # engineer starts when the plan is done, the executor when the query is, the critic when the result is.
-# The notebook waits once per round, for the verdict. `answer(..., one_at_a_time=True)` runs the same
+# The notebook waits at the end of each round, for the result and the verdict. `answer(..., one_at_a_time=True)` runs the same
 # agents the request-centric way (each call waited for before the next is sent) for comparison:
-# `benchmarks/autotqa.py` measures both.
+# `benchmarks/autotqa_app.py` measures both.
 #
 # The data is generated (`tables.py`, beside this notebook): regions, customers, products, orders and
 # order items, a few thousand rows, and questions with reference SQL and answers.
