@@ -107,6 +107,12 @@ def main() -> int:
                     "speedup_without_early_prefill": round(
                         medians["one at a time"] / medians["server-side, no early prefill"], 3
                     ),
+                    "total_s": {mode: round(sum(r["seconds"] for r in rs), 2) for mode, rs in runs.items()},
+                    "geomean_speedup_per_question": {
+                        mode: round(statistics.geometric_mean(
+                            b["seconds"] / a["seconds"] for a, b in zip(rs, runs["one at a time"])), 3)
+                        for mode, rs in runs.items() if mode != "one at a time"
+                    },  # fmt: skip
                     "same_queries_in_every_mode": same,
                 }  # fmt: skip
             servers["server-side"].use()
