@@ -20,8 +20,9 @@ JSON (``.get()`` gives the object back, a downstream prompt gets the JSON text).
 The code travels with cloudpickle: whatever the step uses from the notebook, or from
 a module that is not installed as a package (a helper module beside the notebook, a
 script, a test file), goes by value; what comes from installed packages goes by
-reference and must be importable where the server runs. Limits per call: ``timeout`` seconds and ``memory_mb`` of memory
-(default: the server's ``--tool-timeout`` and ``--tool-memory-mb``).
+reference and must be importable where the server runs. Limits per call: ``timeout``
+seconds and ``memory_mb`` of memory (default: the server's ``--tool-timeout`` and
+``--tool-memory-mb``).
 """
 
 from __future__ import annotations
