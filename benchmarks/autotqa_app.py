@@ -22,10 +22,7 @@ native step), critic, at most three rounds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +38,7 @@ import tables  # noqa: E402
 
 import parrot_nb  # noqa: E402
 from parrot_nb import pipeline  # noqa: E402
-from servers import Server  # noqa: E402
+from servers import Server, emit, new_result  # noqa: E402
 
 PIPELINE = REPO / "demos" / "autotqa.py"
 
@@ -69,10 +66,7 @@ def main() -> int:
     ap.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0], help="simulated round trips (default: 0)")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
-    result: dict = {"command": " ".join(["python", "benchmarks/autotqa_app.py", *sys.argv[1:]])}
-    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    result = new_result("autotqa_app.py")
     with tempfile.TemporaryDirectory(prefix="autotqa-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         # One server per mode, each asked the same questions in the same order, so that no mode finds
@@ -141,10 +135,7 @@ def main() -> int:
             parrot_nb.disconnect()
             for server in servers.values():
                 server.stop()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

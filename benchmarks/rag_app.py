@@ -29,11 +29,8 @@ so both sides generate the same text. Prints JSON; --out writes it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +43,7 @@ import numpy as np  # noqa: E402
 
 import parrot_nb  # noqa: E402
 from parrot_nb import SemanticFunction, native  # noqa: E402
-from servers import Server  # noqa: E402
+from servers import Server, emit, new_result  # noqa: E402
 
 QUERIES = 4
 QUERY_RE = "[a-z]{4,8} [a-z]{4,8} [a-z]{4,8}"
@@ -316,10 +313,7 @@ def main() -> int:
     )  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
-    result: dict = {"command": " ".join(["python", "benchmarks/rag_app.py", *sys.argv[1:]])}
-    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    result = new_result("rag_app.py")
     model = args.model
     if args.make_7b:
         t = time.perf_counter()
@@ -328,10 +322,7 @@ def main() -> int:
         model = args.make_7b
     with tempfile.TemporaryDirectory(prefix="rag-app-") as tmp_dir:
         measure(args, model, Path(tmp_dir), result)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

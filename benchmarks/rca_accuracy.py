@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -37,7 +35,7 @@ import incidents  # noqa: E402
 import parrot_nb  # noqa: E402
 from parrot_nb.results import read_results  # noqa: E402
 from parrot_nb.runner import run_pipeline  # noqa: E402
-from servers import Server  # noqa: E402
+from servers import Server, emit, new_result  # noqa: E402
 
 PIPELINE = REPO / "demos" / "rca_copilot.py"
 
@@ -95,10 +93,7 @@ def main() -> int:
     ap.add_argument("--neighbours-only", action="store_true", help="only the neighbour vote, for several k and decays")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
-    result: dict = {"command": " ".join(["python", "benchmarks/rca_accuracy.py", *sys.argv[1:]])}
-    result["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
+    result = new_result("rca_accuracy.py")
     history, held_out = incidents.split(incidents.generate(args.incidents, seed=args.seed), held_out_days=args.held_out_days)
     held_out = held_out[: args.limit]
     majority = Counter(i.category for i in history).most_common(1)[0][0]
@@ -114,10 +109,7 @@ def main() -> int:
             finally:
                 parrot_nb.disconnect()
                 server.stop()
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out:
-            args.out.write_text(text + "\n")
+        emit(result, args.out)
         return 0
     with tempfile.TemporaryDirectory(prefix="rca-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -144,10 +136,7 @@ def main() -> int:
         for r, line in zip(records, sorted(results, key=lambda line: line["record"]))
         if "output" in line
     ][:3]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

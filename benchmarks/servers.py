@@ -1,9 +1,10 @@
 """An engine server for a benchmark: its own process, event log and log file, reached directly or
-through a simulated network (``netdelay.py``)."""
+through a simulated network (``netdelay.py``); and the start and end every benchmark's JSON shares."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,3 +68,19 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def new_result(script: str) -> dict:
+    """A benchmark's result, started with the command that made it and the commit it ran."""
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    return {"command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]), "commit": commit}
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the result as JSON, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
