@@ -158,9 +158,10 @@ def handle(incident: dict) -> str:
 
 
 collect_diagnostics = parrot_nb.native(handle, name="collect_diagnostics")
-print(handle(held_out[0].to_json()))
 
-# ── cell 8 (markdown)
+# ── cell 8: tagged 'notebook-only', left out
+
+# ── cell 9 (markdown)
 # ## The embedding, trained on the past incidents
 #
 # FastText (gensim's implementation, as the paper uses FastText): word vectors with subword n-grams, so
@@ -168,7 +169,7 @@ print(handle(held_out[0].to_json()))
 # is the IDF-weighted mean of its words' vectors, less the mean of the past incidents' vectors. The model and the history's vectors go to a directory
 # that the server's native step reads.
 
-# ── cell 9
+# ── cell 10
 import numpy as np
 from gensim.models import FastText
 
@@ -211,7 +212,7 @@ Path(index_dir.name, "history.json").write_text(json.dumps({
 }))
 print(f"FastText: {len(model.wv.key_to_index)} words, {model.wv.vector_size} dimensions; index in {index_dir.name}")
 
-# ── cell 10
+# ── cell 11
 @parrot_nb.native
 def nearest(diagnostics: str, day: float, index: str, k: int, decay_per_day: float) -> list:
     """The k past incidents most similar to these diagnostics, similarity decayed by age in days."""
@@ -247,7 +248,7 @@ def describe(neighbours: list) -> str:
         f"{n['resolution']}" for n in neighbours
     )  # fmt: skip
 
-# ── cell 11 (markdown)
+# ── cell 12 (markdown)
 # ## The prompts
 #
 # The summary's instructions and the prediction's category guide are the same for every incident: a
@@ -256,7 +257,7 @@ def describe(neighbours: list) -> str:
 # for almost every incident. `benchmarks/rca_accuracy.py` scores this one against the neighbours' vote
 # (`benchmarks/results/demo_apps.md`).
 
-# ── cell 12: %%semantic summarize --chat --temperature 0
+# ── cell 13: %%semantic summarize --chat --temperature 0
 summarize = SemanticFunction.from_template(
     'summarize',
     """\
@@ -271,7 +272,7 @@ Write 120 to 140 words, in plain sentences, without lists.
     temperature=0.0,
 )
 
-# ── cell 13: %%semantic predict --temperature 0
+# ── cell 14: %%semantic predict --temperature 0
 predict = SemanticFunction.from_template(
     'predict',
     'You find the root cause of incidents in an online shop\'s backend. The root-cause categories:\n- network: packet loss, TCP retransmits, connection or DNS timeouts between services or regions;\n- disk: a filesystem full (no space left on device, ENOSPC), writes failing;\n- certificate: an expired or invalid TLS certificate, x509 errors, failed certificate rotation;\n- dependency: a downstream or external service slow or failing (upstream 5xx, circuit breaker open);\n- deployment: a new version rolled out shortly before, with panics, null pointers or schema errors;\n- quota: a rate limit or quota reached (429 Too Many Requests, QuotaExceeded, throttling, too many connections);\n- memory: memory exhausted (OOMKilled, OutOfMemoryError, out of memory, GC overhead);\n- config: a bad configuration push or feature flag (invalid value for a key, failed to parse config).\nPast incidents with the same root cause usually look alike and recur within a few weeks.\n\nPast incidents most similar to the new one, with their root-cause categories:\n{{input:neighbours}}\n\nNew incident:\n{{input:summary}}\nReasoning, step by step: {{output:reasoning max_tokens=64 stop="\\n"}}\nRoot-cause category of the new incident: {{output:category choices=LABELS}}',
@@ -279,7 +280,7 @@ predict = SemanticFunction.from_template(
     namespace=globals(),
 )
 
-# ── cell 14
+# ── cell 15
 def run(id: str, day: float, time: str, service: str, alert: str, severity: int, telemetry: dict):
     """The work for one incident: diagnostics, summary, neighbours, then the category and its reasoning."""
     incident = {"id": id, "day": day, "time": time, "service": service, "alert": alert, "severity": severity,
@@ -291,13 +292,11 @@ def run(id: str, day: float, time: str, service: str, alert: str, severity: int,
     return {"category": answer.category, "reasoning": answer.reasoning, "neighbour_vote": vote(neighbours=neighbours),
             "summary": summary, "neighbours": neighbours}  # fmt: skip
 
-# ── cell 15 (markdown)
+# ── cell 16 (markdown)
 # ## A few held-out incidents, at once
 #
 # Each incident runs as an application of its own; all of them are submitted before any is waited for.
 # These cells are tagged `notebook-only`.
-
-# ── cell 16: tagged 'notebook-only', left out
 
 # ── cell 17: tagged 'notebook-only', left out
 
@@ -305,8 +304,10 @@ def run(id: str, day: float, time: str, service: str, alert: str, severity: int,
 
 # ── cell 19: tagged 'notebook-only', left out
 
-# ── cell 20
-_pipeline.show_status()  # %parrot status
+# ── cell 20: tagged 'notebook-only', left out
 
 # ── cell 21
+_pipeline.show_status()  # %parrot status
+
+# ── cell 22
 _pipeline.stop()  # %parrot stop

@@ -52,7 +52,7 @@ def test_rca_copilot_runs_top_to_bottom_and_answers_each_incident_with_a_categor
     assert len(answers) == 4
     assert all(llm in LABELS and vote in LABELS and truth in LABELS for _, llm, vote, truth in answers)
     assert "FastText:" in outputs["import numpy as np"] and "64 dimensions" in outputs["import numpy as np"]
-    handler_report = outputs["def _shape(message: str) -> str:"]
+    handler_report = outputs["print(handle(held_out[0].to_json()))  # what the handler reports on one incident"]
     assert handler_report.startswith("Alert: ") and "Query: errors and warnings of" in handler_report
     assert "category" not in handler_report.lower()  # the handler never sees the label
 
