@@ -104,17 +104,21 @@ def _user_traceback(source: dict[str, Any]) -> str:
     """The traceback of the user's code, without this module's frame.
 
     Code sent by value has lost its file name (cloudpickle names it ``<dynamic-code>``);
-    the notebook sent the source of the step's file or cell along, so frames of
-    functions defined there show their file and lines again.
+    the notebook sent the source of the step's file or cell along, and of the local
+    modules it names, so frames of functions defined there show their file and lines again.
     """
     exc_type, exc, tb = sys.exc_info()
     if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    filename, lines = source.get("filename", ""), source.get("lines", [])
+    files = [(source.get("filename", ""), source.get("lines", [])), *source.get("modules", {}).items()]
     frames = []
     for frame, lineno in traceback.walk_tb(tb):
         code = frame.f_code
-        if code.co_filename == DYNAMIC and _defined_in(lines, code.co_name, code.co_firstlineno):
+        found = code.co_filename == DYNAMIC and next(
+            ((f, lines) for f, lines in files if _defined_in(lines, code.co_name, code.co_firstlineno)), None
+        )  # fmt: skip
+        if found:
+            filename, lines = found
             line = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else None
             frames.append(traceback.FrameSummary(filename, lineno, code.co_name, line=line))
         else:

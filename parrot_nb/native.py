@@ -36,7 +36,7 @@ import sysconfig
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Any
 
 from engine_server.protocol import ChunkSpec, FunctionSpec, InputValue, new_id
@@ -141,7 +141,8 @@ def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes
     """cloudpickle ``(fn, constants, source)``; the function's module goes by value unless it is an installed package.
 
     ``source`` is the file (or notebook cell) the function was defined in, as lines, so
-    that a traceback on the server can show the user's code: code sent by value loses it.
+    that a traceback on the server can show the user's code: code sent by value loses it;
+    ``source["modules"]`` holds the lines of the local modules the function names.
     """
     import cloudpickle
 
@@ -150,7 +151,9 @@ def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes
     source = {"filename": filename, "lines": linecache.getlines(filename) if filename else []}
     with _REGISTRY_LOCK:  # cloudpickle's by-value registry is global; calls come from several threads
         registered = set(cloudpickle.list_registry_pickle_by_value())
-        local = [m for m in _local_modules() if m.__name__ not in registered]
+        every_local = _local_modules()
+        source["modules"] = _sources_used(fn, every_local, filename)
+        local = [m for m in every_local if m.__name__ not in registered]
         for module in local:
             cloudpickle.register_pickle_by_value(module)
         try:
@@ -179,6 +182,38 @@ def _local_modules() -> list[ModuleType]:
         if path and not _installed_file(path, name):
             found.append(module)
     return found
+
+
+def _sources_used(fn: Callable[..., Any], local: list[ModuleType], skip: str) -> dict[str, list[str]]:
+    """The source lines of the local modules that ``fn`` names (a module, or a function or class of one).
+
+    They travel by value and lose their file names on the way; with their lines the server's
+    traceback shows where in them an error happened.
+    """
+    code = getattr(fn, "__code__", None)
+    scope = dict(getattr(fn, "__globals__", {}))
+    if code is not None and getattr(fn, "__closure__", None):  # names it closes over, too
+        for name, cell in zip(code.co_freevars, fn.__closure__):
+            try:
+                scope[name] = cell.cell_contents
+            except ValueError:  # a cell not filled yet
+                pass
+    names: set[str] = set(code.co_freevars) if code is not None else set()
+    stack = [code] if code is not None else []
+    while stack:  # the function's names, and those of the functions and classes nested in it
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, CodeType))
+    tops = {m.__name__ for m in local}
+    files: dict[str, list[str]] = {}
+    for name in names:
+        value = scope.get(name)
+        module_name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        module = sys.modules.get(module_name) if isinstance(module_name, str) else None
+        path = getattr(module, "__file__", None)
+        if path and path != skip and module_name.split(".")[0] in tops:
+            files[path] = linecache.getlines(path)
+    return files
 
 
 @functools.lru_cache(maxsize=4096)

@@ -309,3 +309,28 @@ def test_a_step_may_use_a_helper_module_the_server_cannot_import(connected, tmp_
         assert [v.get(timeout=60) for v in values] == [f"{i + 1} words, longest parrot" for i in range(1, 9)]
     finally:
         sys.modules.pop("shop_helpers", None)
+
+
+def test_a_traceback_shows_the_lines_of_a_helper_module_sent_by_value(connected, tmp_path, monkeypatch) -> None:
+    (tmp_path / "broken_helpers.py").write_text(
+        "def check(text):\n"
+        "    if not text.isdigit():\n"
+        "        raise ValueError(f'not a number: {text!r}')\n"
+        "    return text\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import broken_helpers
+
+    @native
+    def parse(text: str) -> str:
+        return broken_helpers.check(text)
+
+    try:
+        with pytest.raises(SemanticVariableError) as info:
+            parse(text="twelve").get(timeout=60)
+    finally:
+        sys.modules.pop("broken_helpers", None)
+    message = str(info.value)
+    assert "broken_helpers.py\", line 3, in check" in message
+    assert "raise ValueError(f'not a number: {text!r}')" in message
+    assert "return broken_helpers.check(text)" in message  # the step's own frame, from this file
