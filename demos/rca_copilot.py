@@ -166,8 +166,10 @@ collect_diagnostics = parrot_nb.native(handle, name="collect_diagnostics")
 #
 # FastText (gensim's implementation, as the paper uses FastText): word vectors with subword n-grams, so
 # that a host, a path or an error code never seen in training still gets a vector. An incident's vector
-# is the IDF-weighted mean of its words' vectors, less the mean of the past incidents' vectors. The model and the history's vectors go to a directory
-# that the server's native step reads.
+# is the IDF-weighted mean of its words' vectors, less the mean of the past incidents' vectors. It is
+# computed from the handler's diagnostics, for past and new incidents alike; the paper embeds the LLM's
+# summaries, but summarising every past incident would be most of a CPU run's time. The model and the
+# history's vectors go to a directory that the server's native step reads.
 
 # ── cell 10
 import numpy as np
