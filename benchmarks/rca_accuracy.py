@@ -73,10 +73,10 @@ def neighbour_sweep(records: list[dict], params: dict[str, str], ks=(1, 3, 5, 9)
     diagnostics = [notebook["handle"]({k: v for k, v in r.items() if k != "category"}) for r in records]
     table = {}
     for decay in decays:
+        # The k nearest are the first k of the max(ks) nearest: one search per record and decay.
+        found = [nearest(d, r["day"], index, max(ks), decay) for d, r in zip(diagnostics, records)]
         for k in ks:
-            right = sum(
-                vote(nearest(d, r["day"], index, k, decay)) == r["category"] for d, r in zip(diagnostics, records)
-            )  # fmt: skip
+            right = sum(vote(neighbours[:k]) == r["category"] for neighbours, r in zip(found, records))
             table[f"k={k}, decay={decay:g}/day"] = round(right / len(records), 3)
     return table
 

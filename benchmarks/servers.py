@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import parrot_nb
-from engine_server.protocol import ConnectionInfo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,8 +28,6 @@ class Server:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server {name} did not start; see {self.log.name}")
             time.sleep(0.1)
-        self.info = ConnectionInfo.read(self.connection_file)
-
         self.delayed: dict[float, tuple[subprocess.Popen, Path]] = {}
 
     def use(self, rtt_ms: float = 0.0) -> None:

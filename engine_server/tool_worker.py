@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 import traceback
+from types import CodeType
 from typing import Any
 
 import zmq
@@ -110,15 +111,13 @@ def _user_traceback(source: dict[str, Any]) -> str:
     exc_type, exc, tb = sys.exc_info()
     if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    files = [(source.get("filename", ""), source.get("lines", [])), *source.get("modules", {}).items()]
+    files = source.get("files", {})
     frames = []
     for frame, lineno in traceback.walk_tb(tb):
         code = frame.f_code
-        found = code.co_filename == DYNAMIC and next(
-            ((f, lines) for f, lines in files if _defined_in(lines, code.co_name, code.co_firstlineno)), None
-        )  # fmt: skip
-        if found:
-            filename, lines = found
+        filename = _defining_file(files, code) if code.co_filename == DYNAMIC else None
+        if filename is not None:
+            lines = files[filename]
             line = lines[lineno - 1].strip() if 0 < lineno <= len(lines) else None
             frames.append(traceback.FrameSummary(filename, lineno, code.co_name, line=line))
         else:
@@ -126,6 +125,11 @@ def _user_traceback(source: dict[str, Any]) -> str:
     text = ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
     text += traceback.format_exception_only(exc_type, exc)
     return "".join(text).rstrip()
+
+
+def _defining_file(files: dict[str, list[str]], code: CodeType) -> str | None:
+    """The first of ``files`` (the step's own file comes first) where ``code``'s function is defined."""
+    return next((f for f, lines in files.items() if _defined_in(lines, code.co_name, code.co_firstlineno)), None)
 
 
 def _defined_in(lines: list[str], name: str, first: int) -> bool:

@@ -138,21 +138,18 @@ def native(
 
 
 def dumps(fn: Callable[..., Any], constants: dict[str, Any], name: str) -> bytes:
-    """cloudpickle ``(fn, constants, source)``; the function's module goes by value unless it is an installed package.
+    """cloudpickle ``(fn, constants, source)``; every local module (not an installed package) goes by value.
 
-    ``source`` is the file (or notebook cell) the function was defined in, as lines, so
-    that a traceback on the server can show the user's code: code sent by value loses it;
-    ``source["modules"]`` holds the lines of the local modules the function names.
+    ``source["files"]`` maps file names to their lines: the file (or notebook cell) the
+    function was defined in, first, then the local modules it names. Code sent by value
+    loses its file name; with these a traceback on the server shows the user's code.
     """
     import cloudpickle
 
-    code = getattr(fn, "__code__", None)
-    filename = code.co_filename if code is not None else ""
-    source = {"filename": filename, "lines": linecache.getlines(filename) if filename else []}
+    every_local = _local_modules()
+    source = {"files": _source_files(fn, every_local)}
     with _REGISTRY_LOCK:  # cloudpickle's by-value registry is global; calls come from several threads
         registered = set(cloudpickle.list_registry_pickle_by_value())
-        every_local = _local_modules()
-        source["modules"] = _sources_used(fn, every_local, filename)
         local = [m for m in every_local if m.__name__ not in registered]
         for module in local:
             cloudpickle.register_pickle_by_value(module)
@@ -184,34 +181,30 @@ def _local_modules() -> list[ModuleType]:
     return found
 
 
-def _sources_used(fn: Callable[..., Any], local: list[ModuleType], skip: str) -> dict[str, list[str]]:
-    """The source lines of the local modules that ``fn`` names (a module, or a function or class of one).
-
-    They travel by value and lose their file names on the way; with their lines the server's
-    traceback shows where in them an error happened.
-    """
+def _source_files(fn: Callable[..., Any], local: list[ModuleType]) -> dict[str, list[str]]:
+    """The lines of ``fn``'s own file, then of the local modules it names (a module, or a function or class of one)."""
     code = getattr(fn, "__code__", None)
-    scope = dict(getattr(fn, "__globals__", {}))
-    if code is not None and getattr(fn, "__closure__", None):  # names it closes over, too
-        for name, cell in zip(code.co_freevars, fn.__closure__):
-            try:
-                scope[name] = cell.cell_contents
-            except ValueError:  # a cell not filled yet
-                pass
-    names: set[str] = set(code.co_freevars) if code is not None else set()
-    stack = [code] if code is not None else []
+    if code is None:
+        return {}
+    files = {code.co_filename: linecache.getlines(code.co_filename)}
+    scope = dict(fn.__globals__)
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):  # names it closes over, too
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            pass
+    names, stack = set(code.co_freevars), [code]
     while stack:  # the function's names, and those of the functions and classes nested in it
         c = stack.pop()
         names.update(c.co_names)
         stack.extend(k for k in c.co_consts if isinstance(k, CodeType))
     tops = {m.__name__ for m in local}
-    files: dict[str, list[str]] = {}
     for name in names:
         value = scope.get(name)
         module_name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
         module = sys.modules.get(module_name) if isinstance(module_name, str) else None
         path = getattr(module, "__file__", None)
-        if path and path != skip and module_name.split(".")[0] in tops:
+        if path and path not in files and module_name.split(".")[0] in tops:
             files[path] = linecache.getlines(path)
     return files
 

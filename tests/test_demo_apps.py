@@ -4,7 +4,6 @@ their exported pipelines run over records from the demos' own generators."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import subprocess
 import sys
@@ -88,24 +87,26 @@ def test_autotqa_runs_top_to_bottom_with_read_only_sql_and_at_most_three_rounds(
     assert f"app autotqa: {total} requests, {total} done, 0 failed" in status
 
 
-def _run_export(pipeline: Path, records: Path, output: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def _run_export_over(pipeline: Path, generated: Path, tmp_path: Path, n: int = 2) -> list[dict]:
+    """Run the committed export with `parrot-nb run --model smollm2` over the first ``n`` generated records."""
+    records, output = tmp_path / "records.jsonl", tmp_path / "results.jsonl"
+    records.write_text("".join(generated.read_text().splitlines(keepends=True)[:n]))
+    out = subprocess.run(
         [sys.executable, "-m", "parrot_nb.cli", "run", str(pipeline), "--inputs", str(records), "--output", str(output),
          "--model", "smollm2", "--concurrency", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = sorted(read_results(output)[1], key=lambda line: line["record"])
+    assert [line["record"] for line in lines] == list(range(n))
+    return lines
 
 
 def test_the_rca_pipeline_runs_over_an_incident_stream(rca, tmp_path) -> None:
     stream = tmp_path / "stream.jsonl"
     subprocess.run([sys.executable, str(DEMOS / "incidents.py"), "-n", "400", "--seed", "0", "--stream", "-o", str(stream)],
                    check=True, capture_output=True, timeout=120)  # fmt: skip
-    records = tmp_path / "records.jsonl"
-    records.write_text("".join(stream.read_text().splitlines(keepends=True)[:2]))
-    out = _run_export(DEMOS / "rca_copilot.py", records, tmp_path / "rca.jsonl")
-    assert out.returncode == 0, out.stderr
-    lines = sorted(read_results(tmp_path / "rca.jsonl")[1], key=lambda line: line["record"])
-    assert [line["record"] for line in lines] == [0, 1]
+    lines = _run_export_over(DEMOS / "rca_copilot.py", stream, tmp_path)
     for line in lines:
         assert line["output"]["category"] in LABELS and line["output"]["neighbour_vote"] in LABELS
         assert line["output"]["summary"].strip() and len(line["output"]["neighbours"]) == 5
@@ -118,13 +119,7 @@ def test_the_autotqa_pipeline_answers_questions_from_the_generator(tmp_path) -> 
     questions = tmp_path / "questions.jsonl"
     subprocess.run([sys.executable, str(DEMOS / "tables.py"), "--db", str(tmp_path / "shop.sqlite"), "--questions",
                     str(questions), "-n", "12"], check=True, capture_output=True, timeout=120)  # fmt: skip
-    records = tmp_path / "records.jsonl"
-    records.write_text("".join(questions.read_text().splitlines(keepends=True)[:2]))
-    out = _run_export(DEMOS / "autotqa.py", records, tmp_path / "answers.jsonl")
-    assert out.returncode == 0, out.stderr
-    lines = sorted(read_results(tmp_path / "answers.jsonl")[1], key=lambda line: line["record"])
-    assert [line["record"] for line in lines] == [0, 1]
-    for line, record in zip(lines, map(json.loads, records.read_text().splitlines())):
+    for line in _run_export_over(DEMOS / "autotqa.py", questions, tmp_path):
         output = line["output"]
         assert output["sql"].startswith(("SELECT", "WITH")) and 1 <= output["rounds"] <= 3
         assert output["verdict"] in ("accept", "revise")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from types import ModuleType
 
 import pytest
 
@@ -276,60 +278,60 @@ class _SlowToPickle:
         return (int, ())
 
 
+def _helper_module(name: str, source: str, tmp_path, monkeypatch) -> ModuleType:
+    """A module beside the notebook, imported here: in a temporary directory the server's workers do not see."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # gone again after the test
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_step_may_use_a_helper_module_the_server_cannot_import(connected, tmp_path, monkeypatch) -> None:
-    # A module beside the notebook (here: in a temporary directory the server's workers do not see).
-    (tmp_path / "shop_helpers.py").write_text(
+    shop_helpers = _helper_module("shop_helpers", (
         "class Counter:\n"
         "    def __init__(self, text):\n"
         "        self.words = text.split()\n"
         "    def report(self):\n"
         "        return f'{len(self.words)} words, longest {max(self.words, key=len)}'\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import shop_helpers
+    ), tmp_path, monkeypatch)  # fmt: skip
 
     @native
     def count(text: str, pause: object = None) -> str:
         return shop_helpers.Counter(text).report()
 
-    try:
-        assert count(text="a parrot repeats everything").get(timeout=60) == "4 words, longest everything"
-        # Records of a pipeline call steps from several threads at once.
-        texts = [" ".join(["word"] * i + ["parrot"]) for i in range(1, 9)]
-        values: list = [None] * len(texts)
+    assert count(text="a parrot repeats everything").get(timeout=60) == "4 words, longest everything"
+    # Records of a pipeline call steps from several threads at once.
+    texts = [" ".join(["word"] * i + ["parrot"]) for i in range(1, 9)]
+    values: list = [None] * len(texts)
 
-        def call(i: int) -> None:
-            values[i] = count(text=texts[i], pause=_SlowToPickle())  # overlapping calls
+    def call(i: int) -> None:
+        values[i] = count(text=texts[i], pause=_SlowToPickle())  # overlapping calls
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [v.get(timeout=60) for v in values] == [f"{i + 1} words, longest parrot" for i in range(1, 9)]
-    finally:
-        sys.modules.pop("shop_helpers", None)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [v.get(timeout=60) for v in values] == [f"{i + 1} words, longest parrot" for i in range(1, 9)]
 
 
 def test_a_traceback_shows_the_lines_of_a_helper_module_sent_by_value(connected, tmp_path, monkeypatch) -> None:
-    (tmp_path / "broken_helpers.py").write_text(
+    broken_helpers = _helper_module("broken_helpers", (
         "def check(text):\n"
         "    if not text.isdigit():\n"
         "        raise ValueError(f'not a number: {text!r}')\n"
         "    return text\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import broken_helpers
+    ), tmp_path, monkeypatch)  # fmt: skip
 
     @native
     def parse(text: str) -> str:
         return broken_helpers.check(text)
 
-    try:
-        with pytest.raises(SemanticVariableError) as info:
-            parse(text="twelve").get(timeout=60)
-    finally:
-        sys.modules.pop("broken_helpers", None)
+    with pytest.raises(SemanticVariableError) as info:
+        parse(text="twelve").get(timeout=60)
     message = str(info.value)
     assert "broken_helpers.py\", line 3, in check" in message
     assert "raise ValueError(f'not a number: {text!r}')" in message
