@@ -86,7 +86,9 @@ def test_a_consumer_prefills_its_producers_text_as_it_streams(tmp_path) -> None:
     ids = {e["function"]: e["request_id"] for e in events if e["type"] == "RequestQueued"}
     finished = {e["request_id"]: e for e in events if e["type"] == "RequestFinished"}
     # BOS, "Review: " and the producer's text as it streamed were computed before the consumer was
-    # dispatched: all but the last token held back (it might merge with what follows), the last
-    # step's token or two still on their way when the producer finished, and less than a chunk.
+    # dispatched, but for its tail: the last token is held back (it might merge with what follows),
+    # the last steps' tokens may still be on their way when the producer finishes (more of them on a
+    # busy machine: 43-48 of 49 measured alone, 41 once in the full suite), and a chunk may be
+    # unfinished. Without streaming only BOS and "Review: " (9 tokens) would be.
     assert len(value) == 40
-    assert finished[ids["st_review"]]["cached_tokens"] >= 1 + len("Review: ") + len(value) - 3 - 4
+    assert finished[ids["st_review"]]["cached_tokens"] >= 1 + len("Review: ") + len(value) * 3 // 4
