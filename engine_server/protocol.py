@@ -250,6 +250,9 @@ class FunctionSpec:
     native: bytes = b""
     native_timeout_s: float = 0.0  # per-call limits; 0: the server's defaults
     native_memory_mb: int = 0
+    # Cache its prompt at every full KV block too (``SegmentSpec.blocks``): set for requests
+    # that come as plain prompts (the OpenAI-compatible endpoint), with no variable boundaries.
+    block_cache: bool = False
 
 
 @dataclass
@@ -272,6 +275,9 @@ class SegmentSpec:
     # computed by the manager at variable boundaries). An engine that holds a context
     # under this key may fork it instead of prefilling; "" means "do not cache here".
     key: str = ""
+    # Also cache the prompt at every full KV block of this text, keyed by its tokens (automatic
+    # prefix caching, as vLLM's, for prompts that have no variable boundaries to key).
+    blocks: bool = False
 
 
 @dataclass

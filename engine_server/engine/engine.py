@@ -28,7 +28,7 @@ from engine_server.constraints import describe
 
 from .attention import AttentionMetadata, PagedAttention
 from .grammar import Grammars
-from .kv import BlockPool, Context, ContextCache
+from .kv import DIGEST_PREFIX, BlockPool, Context, ContextCache, block_key
 from .model import LlamaModel
 from .sampler import Sampler, SamplingParams
 
@@ -41,10 +41,13 @@ class TextSegment:
 
     `context_key` names the context ending after this segment; sequences whose
     prompts share it may share its K/V. "" means "not worth caching here".
+    `blocks`: cache the prompt at every full KV block in this segment too, under keys that
+    hash the tokens (automatic prefix caching, for prompts with no variable boundaries).
     """
 
     text: str
     context_key: str = ""
+    blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class _Sequence:
         self.next_segment = 0
         self.output: _Output | None = None
         self.boundaries: list[tuple[str, int]] = []  # keyed prompt boundaries before the first output
+        self.digest, self.digest_len = b"", 0  # block_key of tokens[:digest_len] (block prefix caching)
         self.registered = 0  # boundaries already cached
         self.context: Context | None = None  # the context this sequence forked, while it runs
         self.last_context: Context | None = None  # parent for the next context it registers
@@ -550,8 +554,11 @@ class Engine:
             seq.next_segment += 1
             if isinstance(seg, TextSegment):
                 seq.tokens.extend(ids)
-                if seg.context_key and not seq.outputs and seq.output is None:
-                    seq.boundaries.append((seg.context_key, len(seq.tokens)))
+                if not seq.outputs and seq.output is None:
+                    if seg.blocks:
+                        self._block_boundaries(seq)
+                    if seg.context_key:
+                        seq.boundaries.append((seg.context_key, len(seq.tokens)))
                 continue
             params = seg.params
             seq.output = _Output(
@@ -573,6 +580,16 @@ class Engine:
                 self._rewind(seq, len(seq.tokens) - 1)
             return
         seq.done = True
+
+    def _block_boundaries(self, seq: _Sequence) -> None:
+        """Boundaries at the full blocks of the prompt so far, keyed by the digest of their tokens."""
+        bs = self.pool.block_size
+        floor = seq.boundaries[-1][1] if seq.boundaries else 0  # boundaries stay in order of length
+        while seq.digest_len + bs <= len(seq.tokens):
+            end = seq.digest_len + bs
+            seq.digest, seq.digest_len = block_key(seq.digest, seq.tokens[seq.digest_len : end]), end
+            if end > floor:
+                seq.boundaries.append((DIGEST_PREFIX + seq.digest.hex(), end))
 
     def _admit(self) -> None:
         """Move waiting sequences into the running set while there is room.

@@ -16,7 +16,9 @@ first; their blocks return to the pool once no sequence holds them either.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -89,19 +91,53 @@ class BlockPool:
 
 @dataclass(eq=False)
 class Context:
-    """A cached prefix: its tokens and the blocks that hold their K/V."""
+    """A cached prefix: its tokens and the blocks that hold their K/V.
+
+    A context keyed by manager keys holds every block of its prefix (``start`` 0) and keeps its
+    tokens, which a lookup compares. A *digest* context (automatic prefix caching: its key is a
+    hash of the tokens themselves, see ``block_key``) keeps no tokens, and when its parent ends on
+    a block boundary it holds only its own blocks, from index ``start``: the rest are its
+    parent's, which cannot be evicted while a child extends it. Each cached block is then held
+    once however long the chain, as in vLLM's block-level prefix cache.
+    """
 
     key: str
     tokens: tuple[int, ...]
-    blocks: list[int]
+    blocks: list[int]  # the blocks this context holds a reference on: the prefix's, from index `start`
     parent: Context | None
+    length: int = -1  # tokens of the prefix; -1: len(tokens)
+    start: int = 0
+    digest: bool = False
     children: int = 0
     users: int = 0  # live sequences forked from this context
     last_used: int = 0
     released: bool = False  # the manager said nobody needs it any more
 
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            self.length = len(self.tokens)
+
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self.length
+
+    def all_blocks(self) -> list[int]:
+        """Every block of the prefix, in order (walking up the chain of digest contexts)."""
+        parts, ctx = [], self
+        while True:
+            parts.append(ctx.blocks)
+            if ctx.start == 0:
+                break
+            assert ctx.parent is not None  # a context that holds part of its prefix keeps its parent
+            ctx = ctx.parent
+        return [b for part in reversed(parts) for b in part]
+
+
+DIGEST_PREFIX = "#"  # keys of digest contexts; the manager's keys are hex and never start with it
+
+
+def block_key(previous: bytes, tokens: Sequence[int]) -> bytes:
+    """The digest of a token block following the prefix whose digest is ``previous`` (b"" at the start)."""
+    return hashlib.blake2b(previous + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 @dataclass
@@ -110,24 +146,26 @@ class ContextCache:
 
     pool: BlockPool
     contexts: dict[str, Context] = field(default_factory=dict)
-    evicted: list[str] = field(default_factory=list)  # keys dropped since the last take_evicted()
+    evicted: list[str] = field(default_factory=list)  # manager keys dropped since the last take_evicted()
     _clock: itertools.count = field(default_factory=itertools.count)
 
     def lookup(self, boundaries: Sequence[tuple[str, int]], tokens: Sequence[int]) -> Context | None:
         """The longest cached context among (key, length) boundaries whose tokens equal tokens[:length]."""
         for key, length in reversed(boundaries):
             ctx = self.contexts.get(key)
-            if ctx is not None and len(ctx) == length and ctx.tokens == tuple(tokens[:length]):
+            # A digest key names its tokens; any other key is a name only, so the tokens are compared.
+            if ctx is not None and len(ctx) == length and (ctx.digest or ctx.tokens == tuple(tokens[:length])):
                 return ctx
         return None
 
     def fork(self, ctx: Context) -> list[int]:
         """A new reference to every block of `ctx`, for a sequence that continues it."""
-        self.pool.incref(ctx.blocks)
+        blocks = ctx.all_blocks()
+        self.pool.incref(blocks)
         ctx.users += 1
         ctx.released = False
         ctx.last_used = next(self._clock)
-        return list(ctx.blocks)
+        return blocks
 
     def unfork(self, ctx: Context) -> None:
         """A sequence forked from `ctx` ended (its own block references are released separately)."""
@@ -135,17 +173,27 @@ class ContextCache:
         ctx.last_used = next(self._clock)
 
     def insert(self, key: str, tokens: Sequence[int], blocks: Sequence[int], parent: Context | None) -> Context:
-        """Cache tokens[:] (held in `blocks`) under `key`; an existing entry is kept and returned."""
+        """Cache tokens[:] (held in `blocks`) under `key`; an existing entry is kept and returned.
+
+        A key that starts with ``DIGEST_PREFIX`` makes a digest context (see ``Context``).
+        """
         if key in self.contexts:
             return self.contexts[key]
         n_blocks = self.pool.blocks_for(len(tokens))
         if len(blocks) < n_blocks:
             raise ValueError(f"context {key!r}: {len(tokens)} tokens need {n_blocks} blocks, got {len(blocks)}")
-        held = list(blocks[:n_blocks])
-        self.pool.incref(held)
         if parent is not None and self.contexts.get(parent.key) is not parent:
             parent = None  # evicted meanwhile (perhaps re-inserted since, as another object)
-        ctx = Context(key, tuple(tokens), held, parent, last_used=next(self._clock))
+        digest = key.startswith(DIGEST_PREFIX)
+        bs = self.pool.block_size
+        start = 0
+        if digest and parent is not None and len(parent) % bs == 0 and len(parent) < len(tokens):
+            start = len(parent) // bs  # the parent holds the blocks before this one's
+        held = list(blocks[start:n_blocks])
+        self.pool.incref(held)
+        ctx = Context(
+            key, () if digest else tuple(tokens), held, parent, len(tokens), start, digest, last_used=next(self._clock)
+        )
         if parent is not None:
             parent.children += 1
         self.contexts[key] = ctx
@@ -175,7 +223,8 @@ class ContextCache:
         for ctx in list(self.contexts.values()):
             ctx.parent = None
             self.pool.decref(ctx.blocks)
-            self.evicted.append(ctx.key)
+            if not ctx.digest:
+                self.evicted.append(ctx.key)
         self.contexts.clear()
 
     def take_evicted(self) -> list[str]:
@@ -188,4 +237,5 @@ class ContextCache:
             ctx.parent.children -= 1
             ctx.parent.last_used = max(ctx.parent.last_used, ctx.last_used)
         self.pool.decref(ctx.blocks)
-        self.evicted.append(ctx.key)
+        if not ctx.digest:  # the manager never knew digest keys
+            self.evicted.append(ctx.key)

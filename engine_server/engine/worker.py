@@ -63,7 +63,7 @@ def to_engine_segments(segments: list[SegmentSpec]) -> list[TextSegment | GenSeg
 
     # SamplingSpec (the wire form) and SamplingParams (the engine's) share their field names.
     return [
-        TextSegment(seg.text, seg.key)
+        TextSegment(seg.text, seg.key, seg.blocks)
         if seg.kind == "text"
         else GenSegment(seg.var_id, SamplingParams(**dataclasses.asdict(seg.sampling or SamplingSpec())))
         for seg in segments

@@ -284,7 +284,7 @@ class Graph:
             if chunk.kind == "output":
                 segments.append(SegmentSpec("gen", var_id=node.outputs[chunk.name], sampling=chunk.sampling))
             elif text := self._text(node, chunk):
-                segments.append(SegmentSpec("text", text=text))
+                segments.append(SegmentSpec("text", text=text, blocks=node.function.block_cache))
         return segments
 
     def known_prefix(self, node: RequestNode) -> tuple[list[SegmentSpec], str | None]:
