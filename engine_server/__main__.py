@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         "not ready yet) while that input is still being computed; on by default",
     )  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    http = parser.add_argument_group("OpenAI-compatible HTTP API (each request runs as a one-call application)")
+    http.add_argument(
+        "--http-port", type=_natural, default=None, metavar="PORT",
+        help="serve /v1/completions, /v1/chat/completions, /v1/models and /health on this port "
+        "(0: any free port; the connection file's 'http' field names it); off by default",
+    )  # fmt: skip
+    http.add_argument(
+        "--http-host", type=_ip_address, default=LOOPBACK, metavar="ADDRESS",
+        help=f"address the HTTP API listens on (default: {LOOPBACK}); beyond loopback an API key is required",
+    )  # fmt: skip
+    http.add_argument(
+        "--api-key", default=os.environ.get("PARROT_NB_API_KEY") or None, metavar="KEY",
+        help="clients of the HTTP API must send 'Authorization: Bearer KEY' (default: the PARROT_NB_API_KEY "
+        "environment variable; none on loopback when unset)",
+    )  # fmt: skip
     engine = parser.add_argument_group("engine sizing (per engine worker)")
     engine.add_argument(
         "--max-running", type=_positive_int, default=None,
@@ -126,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--background-chunk", type=_natural, default=None, metavar="N",
         help="tokens a busy step gives early prefills (a waiting call's known text), which slows the "
         "running requests; default 0: early prefills use only steps with nothing else to do",
+    )  # fmt: skip
+    engine.add_argument(
+        "--shared-prefix-kernel", choices=["auto", "on", "off"], default=None,
+        help="decode sequences that share a cached prefix with the shared-prefix attention kernel: auto "
+        "(default: when the kernel chooser expects it to win), on, or off (the paged kernel for all)",
     )  # fmt: skip
     return parser
 
@@ -185,7 +206,10 @@ def _fraction(text: str) -> float:
 
 def engine_options(args: argparse.Namespace) -> dict[str, str]:
     """The sizing flags that were given, as worker command-line options."""
-    names = ("max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization", "background_chunk")
+    names = (
+        "max_running", "token_budget", "kv_cache_mb", "gpu_memory_utilization", "background_chunk",
+        "shared_prefix_kernel",
+    )  # fmt: skip
     return {name: str(getattr(args, name)) for name in names if getattr(args, name) is not None}
 
 
@@ -218,10 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         tool_memory_mb=args.tool_memory_mb,
         allow_native=args.allow_native,
         early_prefill=args.early_prefill,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        api_key=args.api_key,
     )
     try:
         server = EngineServer(config)
-    except (ModelNotFoundError, GGUFError, KeysError) as exc:
+    except (ModelNotFoundError, GGUFError, KeysError, OSError) as exc:
         # Say so here rather than through every engine failing to start.
         print(f"parrot-nb serve: {exc}", file=sys.stderr)
         return 2

@@ -1213,6 +1213,7 @@ class ConnectionInfo:
     signature_scheme: str = SIGNATURE_SCHEME
     protocol_version: int = PROTOCOL_VERSION
     curve_server_key: str = ""
+    http: str = ""  # the OpenAI-compatible endpoint's base URL (``--http-port``), "" when off
 
     @property
     def key_bytes(self) -> bytes:

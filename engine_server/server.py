@@ -42,6 +42,7 @@ from engine_server.manager.executor import Executor
 from engine_server.manager.graph import Graph, GraphError
 from engine_server.manager.scheduler import Scheduler
 from engine_server.models import DEFAULT_MODEL, chat_format, resolve_model
+from engine_server.openai_api import HttpCall, HttpFront
 from engine_server.tools import ToolPool
 from engine_server.protocol import (
     CONNECTION_PREFIX,
@@ -54,6 +55,7 @@ from engine_server.protocol import (
     AppOpened,
     Cancel,
     Cancelled,
+    ChunkSpec,
     ClientGone,
     CloseApp,
     ConnectionInfo,
@@ -62,6 +64,7 @@ from engine_server.protocol import (
     ErrorReply,
     EventsSynced,
     Forget,
+    FunctionSpec,
     GetHistory,
     GetRequestDetail,
     Goodbye,
@@ -74,6 +77,7 @@ from engine_server.protocol import (
     ProtocolError,
     ReplayError,
     ReplayGuard,
+    RequestFinished,
     Sender,
     ServerStatus,
     Shutdown,
@@ -81,6 +85,7 @@ from engine_server.protocol import (
     StopWorker,
     SubmitCall,
     SyncEvents,
+    TokenDelta,
     ToolHello,
     Welcome,
     WorkerDelta,
@@ -88,6 +93,8 @@ from engine_server.protocol import (
     WorkerFailed,
     WorkerHello,
     WorkerLoad,
+    VarFailed,
+    VarReady,
     WorkerStartFailed,
     decode,
     new_id,
@@ -143,6 +150,11 @@ class ServerConfig:
     allow_native: bool | None = None
     # Prefill the known start of a requested call while its inputs are still being computed.
     early_prefill: bool = True
+    # The OpenAI-compatible HTTP endpoint (engine_server/openai_api.py): off when http_port is None
+    # (0: any free port). Beyond loopback it requires api_key.
+    http_port: int | None = None
+    http_host: str = LOOPBACK
+    api_key: str | None = None
 
     @property
     def native_allowed(self) -> bool:
@@ -176,6 +188,11 @@ class EngineServer:
         """Raises models.ModelNotFoundError or gguf_file.GGUFError when ``config.model`` cannot be served,
         and keys.KeysError when it must encrypt and cannot (no keys, unsafe keys, no CURVE in libzmq)."""
         self.config = config
+        if config.http_port is not None and not config.api_key and not is_loopback(config.http_host):
+            raise KeysError(
+                f"--http-host {config.http_host} is beyond loopback: give an API key (--api-key KEY, or the "
+                "PARROT_NB_API_KEY environment variable) that HTTP clients must send"
+            )
         self.curve_keys = self._curve_keys(config)
         self.model = resolve_model(config.model)
         self.key = secrets.token_hex(32).encode()
@@ -208,6 +225,13 @@ class EngineServer:
         self.clients: dict[bytes, ClientRecord] = {}  # by socket identity
         self._identity: bytes = b""  # of the client whose request is being handled
         self._housekept = 0.0
+        self.http: HttpFront | None = None  # with --http-port: listening now (a taken port fails here), started in bind()
+        if config.http_port is not None:
+            self.http = HttpFront(
+                config.http_host, config.http_port, self.model.name, self.graph.chat_format, config.api_key or None, self.ctx
+            )
+        self.http_calls: dict[str, HttpCall] = {}  # by app id: HTTP requests not yet answered
+        self._http_answered: list[str] = []  # their apps, to close once the handler that answered returns
         self._handlers = {
             Hello: self._on_hello,
             SyncEvents: self._on_sync,
@@ -271,6 +295,9 @@ class EngineServer:
             model=self.model.name,
             curve_server_key=self.curve_keys.public.decode() if self.curve_keys is not None else "",
         )
+        if self.http is not None:
+            self.http.start()
+            info.http = self.http.url
         path = self.config.connection_file or runtime_dir() / f"{CONNECTION_PREFIX}{os.getpid()}.json"
         self.connection_file = info.write(path)
         if self.config.event_log is not None:
@@ -286,6 +313,8 @@ class EngineServer:
         log.info("parrot-nb engine server %s: requests %s, events %s", __version__, info.requests, info.events)
         if self.curve_keys is not None:
             log.info("traffic is encrypted with CurveZMQ (server public key %s)", info.curve_server_key)
+        if self.http is not None:
+            log.info("OpenAI-compatible API: %s/v1", self.http.url)
         log.info("connection file: %s", self.connection_file)
         self._running = True
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -293,6 +322,8 @@ class EngineServer:
         poller.register(self.requests, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self.tool_socket, zmq.POLLIN)
+        if self.http is not None:
+            poller.register(self.http.wake, zmq.POLLIN)
         try:
             while self._running:
                 ready = dict(poller.poll(100))
@@ -302,6 +333,11 @@ class EngineServer:
                     self._drain(self.tool_socket, self._on_tool_frames)
                 if self.requests in ready:
                     self._drain(self.requests, self._on_client_frames)
+                if self.http is not None:
+                    try:
+                        self._http_pump()
+                    except Exception:
+                        log.exception("error handling HTTP requests")
                 try:
                     self._supervise_engines()
                     self._supervise_tools()
@@ -315,6 +351,8 @@ class EngineServer:
             self.close()
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         if self.tools is not None:
             self.tools.close()
         for proc in self.engines.values():
@@ -366,6 +404,8 @@ class EngineServer:
         self._log("event", event)
         self.history.record(event)
         self._send_frames(self.events, [topic.encode()], event)
+        if app_id in self.http_calls:
+            self._http_event(self.http_calls[app_id], event)
 
     def send_to_engine(self, engine_id: int, msg: Message) -> None:
         proc = self.engines[engine_id]
@@ -567,6 +607,67 @@ class EngineServer:
     def _on_shutdown(self, msg: Shutdown) -> Message:
         self._running = False
         return Ack()
+
+    # ----------------------------------------------------------------- HTTP (openai_api.py)
+
+    def _http_pump(self) -> None:
+        """Take the HTTP thread's commands; close the applications of answered HTTP requests."""
+        assert self.http is not None
+        self.http.ready_engines = sum(1 for p in self.engines.values() if p.state == "ready")
+        self.http.max_context = self.graph.max_context
+        for what, call in self.http.take_commands():
+            if what == "submit":
+                self._http_submit(call)
+            elif call.app_id in self.http_calls:  # cancel: its client went away
+                self._http_close(call.app_id, "its HTTP client disconnected")
+        while self._http_answered:
+            self._http_close(self._http_answered.pop(), "answered")
+
+    def _http_submit(self, call: HttpCall) -> None:
+        """An HTTP request is a one-call application whose one output is requested at once."""
+        if self.graph.unfinished >= self.config.max_pending:
+            call.send(("error", 429, f"the server already has {self.graph.unfinished} unfinished requests, its "
+                                     f"limit (--max-pending {self.config.max_pending}); retry later"))  # fmt: skip
+            return
+        app = self.graph.open_app(new_id(), f"openai/{call.kind}")
+        call.app_id = app.id
+        function = FunctionSpec(
+            "chat.completions" if call.kind == "chat" else "completions",
+            [ChunkSpec("text", text=t) for t in call.texts] + [ChunkSpec("output", name="text", sampling=call.sampling)],
+            block_cache=True,
+        )  # fmt: skip
+        self.http_calls[app.id] = call
+        try:
+            self.executor.submit(SubmitCall(app.id, new_id(), function, {}, {"text": call.var_id}))
+            self.executor.activate(call.var_id, "latency")
+            self._fail_if_no_engine_left()
+        except (GraphError, ValueError) as exc:
+            self.http_calls.pop(app.id, None)
+            self.executor.close_app(app.id, "refused", forget=True)
+            call.send(("error", 400, str(exc)))
+
+    def _http_event(self, call: HttpCall, event: Message) -> None:
+        """Events of an HTTP request's application, turned into what its HTTP handler sends."""
+        if isinstance(event, TokenDelta):
+            call.send(("delta", event.text))
+        elif isinstance(event, RequestFinished):
+            call.usage = (event.prompt_tokens, event.output_tokens, event.cached_tokens)
+        elif isinstance(event, VarReady) and not call.ended:
+            reason = "length" if call.usage[1] >= call.sampling.max_tokens else "stop"
+            call.send(("done", event.value, call.usage, reason))
+            self._http_answered.append(call.app_id)
+        elif isinstance(event, VarFailed) and not call.ended:
+            # The engine refuses a program it can never run (too long) with a ValueError: the caller's fault.
+            status = 400 if "ValueError:" in event.error or "program too long" in event.error else 500
+            call.send(("error", status, event.error))
+            self._http_answered.append(call.app_id)
+
+    def _http_close(self, app_id: str, reason: str) -> None:
+        """Close an HTTP request's application; an unfinished request is cancelled and its KV freed."""
+        self.http_calls.pop(app_id, None)
+        if app_id in self.graph.apps and not self.graph.apps[app_id].closed:
+            self.executor.close_app(app_id, reason, forget=True)
+            self.publish(AppClosed(app_id, reason, time.time()))
 
     # ----------------------------------------------------------------- engines
 

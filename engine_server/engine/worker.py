@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-mb", type=int)
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--background-chunk", type=int)
+    parser.add_argument("--shared-prefix-kernel", choices=["auto", "on", "off"])
     args = parser.parse_args(argv)
     options = {
         name: getattr(args, name)
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.kv_cache_mb is not None:
         options["kv_cache_bytes"] = args.kv_cache_mb * 2**20
+    if args.shared_prefix_kernel is not None:
+        options["shared_prefix_kernel"] = {"auto": None, "on": True, "off": False}[args.shared_prefix_kernel]
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     key = os.environ.get("PARROT_NB_KEY", "").encode()
     worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid, options)
