@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients of the HTTP API must send 'Authorization: Bearer KEY' (default: the PARROT_NB_API_KEY "
         "environment variable; none on loopback when unset)",
     )  # fmt: skip
+    outside = parser.add_argument_group(
+        "engines over outside servers (vLLM, SGLang, another parrot-nb: anything OpenAI-compatible)"
+    )
+    outside.add_argument(
+        "--engine-url", action="append", default=[], metavar="URL",
+        help="run an engine that forwards to the OpenAI-compatible server at URL (http://host:port or "
+        ".../v1) instead of a builtin engine; repeat it for a fleet, one engine each. The manager schedules "
+        "across them as across builtin engines (same-prefix requests go to the server that holds the prefix). "
+        "--model then only gives the chat template for chat functions: name the same model's files",
+    )  # fmt: skip
+    outside.add_argument(
+        "--engine-api-key", default=os.environ.get("PARROT_NB_ENGINE_API_KEY") or None, metavar="KEY",
+        help="the API key those servers expect (default: the PARROT_NB_ENGINE_API_KEY environment variable)",
+    )  # fmt: skip
     engine = parser.add_argument_group("engine sizing (per engine worker)")
     engine.add_argument(
         "--max-running", type=_positive_int, default=None,
@@ -216,6 +230,11 @@ def engine_options(args: argparse.Namespace) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.engine_url and args.engines is not None:
+        print("parrot-nb serve: --engines and --engine-url exclude each other (one engine per URL)", file=sys.stderr)
+        return 2
+    if args.engine_url:
+        args.engines = len(args.engine_url)
     if args.engines is None:
         # One engine per visible GPU; with none, one engine that says why it cannot start.
         args.engines = max(len(visible_gpus()), 1) if args.device == "cuda" else 1
@@ -245,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         http_port=args.http_port,
         http_host=args.http_host,
         api_key=args.api_key,
+        engine_urls=list(args.engine_url),
+        engine_api_key=args.engine_api_key,
     )
     try:
         server = EngineServer(config)

@@ -155,6 +155,10 @@ class ServerConfig:
     http_port: int | None = None
     http_host: str = LOOPBACK
     api_key: str | None = None
+    # Engines over outside OpenAI-compatible servers (engine_server/engine/remote.py), one per URL,
+    # instead of builtin ones; engine_api_key is what they expect (sent as a bearer token).
+    engine_urls: list[str] = field(default_factory=list)
+    engine_api_key: str | None = None
 
     @property
     def native_allowed(self) -> bool:
@@ -181,6 +185,8 @@ class EngineProcess:
     state: str = "starting"  # starting | ready | dead | stopped
     restarts: list[float] = field(default_factory=list)
     detail: str = ""  # why it is dead, once it is
+    model: str = ""  # what it serves and where, from its WorkerHello (an outside server's own model and URL)
+    device: str = ""
 
 
 class EngineServer:
@@ -307,7 +313,7 @@ class EngineServer:
     def serve_forever(self) -> None:
         """Bind, start the engines, and run the loop until ``Shutdown`` or a signal."""
         info = self.bind()
-        for i in range(self.config.engines):
+        for i in range(len(self.config.engine_urls) or self.config.engines):
             self.scheduler.add_engine(i, self.config.engine_capacity or 1)
             self.engines[i] = EngineProcess(i, self._spawn_engine(i))
         log.info("parrot-nb engine server %s: requests %s, events %s", __version__, info.requests, info.events)
@@ -571,7 +577,7 @@ class EngineServer:
             slot = self.scheduler.engines[p.engine_id]
             engines.append(
                 EngineInfo(
-                    p.engine_id, p.popen.pid, self.model.name, self.config.device, p.state, len(slot.running),
+                    p.engine_id, p.popen.pid, p.model or self.model.name, p.device or self.config.device, p.state, len(slot.running),
                     slot.finished, slot.capacity, slot.engine_waiting, slot.kv_blocks_used, slot.kv_blocks_total,
                     slot.cached_keys,
                 )  # fmt: skip
@@ -683,9 +689,16 @@ class EngineServer:
             "--model", self.model.spec,
             "--device", self.config.device,
         ]  # fmt: skip
+        env = self._worker_env()
+        if self.config.engine_urls:  # an engine over an outside server: only its batch size applies
+            cmd += ["--remote", self.config.engine_urls[engine_id]]
+            if "max_running" in self.config.engine_options:
+                cmd += ["--max-running", self.config.engine_options["max_running"]]
+            if self.config.engine_api_key:
+                env["PARROT_NB_ENGINE_API_KEY"] = self.config.engine_api_key
+            return subprocess.Popen(cmd, env=env)
         for name, value in sorted(self.config.engine_options.items()):
             cmd += [f"--{name.replace('_', '-')}", value]
-        env = self._worker_env()
         if self.config.device == "cuda":
             # One engine per GPU, round robin when there are more engines than GPUs (for testing).
             # With none visible (CUDA_VISIBLE_DEVICES set empty) the engine sees none either, and
@@ -715,7 +728,7 @@ class EngineServer:
             if proc is None or proc.popen.pid != msg.pid:
                 log.error("unexpected worker hello from engine %s pid %s", msg.engine_id, msg.pid)
                 return
-            proc.identity, proc.state = identity, "ready"
+            proc.identity, proc.state, proc.model, proc.device = identity, "ready", msg.model, msg.device
             detail = f"pid {msg.pid}, {msg.model} on {msg.device}, batches {msg.max_running}"
             self.publish(EngineChanged(msg.engine_id, "ready", detail, time.time()))
             self._send_frames(self.workers, [identity], Ack())

@@ -20,19 +20,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from engine_server.constraints import describe
 
 from .attention import AttentionMetadata, PagedAttention
+from .backend import Delta, Event, Failed, Finished, FinishReason, RunResult, Timings
 from .grammar import Grammars
 from .kv import DIGEST_PREFIX, BlockPool, Context, ContextCache, block_key
 from .model import LlamaModel
 from .sampler import Sampler, SamplingParams
 
-FinishReason = Literal["length", "stop", "eos"]
 
 
 @dataclass(frozen=True)
@@ -64,28 +64,6 @@ class GenSegment:
 
 
 Segment = TextSegment | GenSegment
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds of one request, from when the engine received it."""
-
-    queue_s: float = 0.0  # until first scheduled
-    prefill_s: float = 0.0  # first scheduled until its first token
-    decode_s: float = 0.0  # first token until done
-    ttft_s: float | None = None  # received until first sampled token; None if nothing was generated
-
-
-@dataclass
-class RunResult:
-    """What a program produced, per output key."""
-
-    outputs: dict[str, str]
-    output_tokens: dict[str, int]
-    finish_reasons: dict[str, FinishReason]
-    prompt_tokens: int  # tokens of the prompt text (and BOS), outputs excluded
-    cached_tokens: int  # of those, how many came from a forked context
-    timings: Timings
 
 
 @dataclass
@@ -121,26 +99,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass
-class Delta:
-    request_id: str
-    key: str
-    text: str
-
-
-@dataclass
-class Finished:
-    request_id: str
-    result: RunResult
-
-
-@dataclass
-class Failed:
-    request_id: str
-    error: str
-
-
-Event = Delta | Finished | Failed
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""An engine worker process: owns the model and runs request programs, batched.
+"""An engine worker process: owns an engine and runs request programs, batched.
+
+The engine is the builtin one (``BuiltinBackend``: our model on this machine) or, with
+``--remote URL``, an outside OpenAI-compatible server (``remote.RemoteBackend``); the worker
+drives either through the ``backend.EngineBackend`` interface.
 
 Started by the server (``python -m engine_server.engine.worker``), it connects a
 DEALER to the server's ``workers`` ROUTER, says ``WorkerHello`` (with its batch
@@ -45,6 +49,8 @@ from engine_server.protocol import (
     WorkerStartFailed,
     decode,
 )
+
+from engine_server.engine.backend import BackendInfo, Delta, EngineBackend, Failed, Finished
 
 if TYPE_CHECKING:
     from engine_server.engine.engine import Engine, GenSegment, TextSegment
@@ -118,15 +124,66 @@ def build_engine(model: str, device: str, **engine_options) -> Engine:
     return engine
 
 
+class BuiltinBackend:
+    """``EngineBackend`` over the builtin ``Engine``: our model on this machine's device."""
+
+    def __init__(self, engine: Engine, model: str, device: str) -> None:
+        self.engine, self.model, self.device = engine, model, device
+
+    def describe(self) -> BackendInfo:
+        e = self.engine
+        return BackendInfo(self.model, e.config.max_running, e.pool.num_blocks, e.pool.block_size, e.model.config.max_seq_len)
+
+    def add(self, request_id: str, segments, *, prefill_only: bool = False, adopt: str = "") -> None:
+        self.engine.add(request_id, to_engine_segments(segments), prefill_only=prefill_only, adopt=adopt)
+
+    def extend(self, request_id: str, pieces) -> bool:
+        return self.engine.extend(request_id, pieces)
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def release_contexts(self, keys) -> None:
+        self.engine.release_contexts(keys)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self):
+        return self.engine.step()
+
+    def reset(self) -> list[str]:
+        return self.engine.reset()
+
+    def load(self) -> dict[str, int]:
+        return self.engine.load()
+
+    def take_evicted(self) -> list[str]:
+        return self.engine.cache.take_evicted()
+
+    def has_evicted(self) -> bool:
+        return bool(self.engine.cache.evicted)
+
+    def cached_blocks(self) -> int:
+        return self.engine.cached_blocks()
+
+    def usable(self) -> bool:
+        return device_usable(self.device)
+
+    def close(self) -> None:
+        pass
+
+
 class Worker:
     def __init__(
         self, endpoint: str, engine_id: int, model: str, device: str, key: bytes, server_pid: int,
-        engine_options: dict | None = None,
+        engine_options: dict | None = None, remote: str | None = None,
     ) -> None:  # fmt: skip
         self.engine_id, self.key, self.model_name, self.device = engine_id, key, model, device
         self.engine_options = engine_options or {}
+        self.remote = remote  # an outside OpenAI-compatible server's URL, instead of the builtin engine
         self.server_pid = server_pid
-        self.engine: Engine | None = None
+        self.engine: EngineBackend | None = None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -142,7 +199,15 @@ class Worker:
     def load(self) -> bool:
         """Build the engine; on failure tell the server why (it will not restart us) and return False."""
         try:
-            self.engine = build_engine(self.model_name, self.device, **self.engine_options)
+            if self.remote is not None:
+                from engine_server.engine.remote import RemoteBackend
+
+                self.engine = RemoteBackend(
+                    self.remote, os.environ.get("PARROT_NB_ENGINE_API_KEY") or None, **self.engine_options
+                )
+            else:
+                engine = build_engine(self.model_name, self.device, **self.engine_options)
+                self.engine = BuiltinBackend(engine, self.model_name, self.device)
         except Exception as exc:
             log.error("engine %d could not start:\n%s", self.engine_id, traceback.format_exc())
             self.send(WorkerStartFailed(self.engine_id, os.getpid(), f"{type(exc).__name__}: {exc}"))
@@ -152,13 +217,12 @@ class Worker:
     def run(self) -> None:
         engine = self.engine
         assert engine is not None, "load() first"
+        info = engine.describe()
         self.send(
             WorkerHello(
-                self.engine_id, os.getpid(), self.model_name, self.device,
-                max_running=engine.config.max_running,
-                kv_blocks=engine.pool.num_blocks,
-                block_size=engine.pool.block_size,
-                max_context=engine.model.config.max_seq_len,
+                self.engine_id, os.getpid(), info.model, self.device if self.remote is None else self.remote,
+                max_running=info.max_running, kv_blocks=info.kv_blocks, block_size=info.block_size,
+                max_context=info.max_context,
             )
         )  # fmt: skip
         report_owed = False
@@ -203,15 +267,11 @@ class Worker:
 
     def submit(self, req: RunRequest) -> None:
         try:
-            self.engine.add(
-                req.request_id, to_engine_segments(req.segments), prefill_only=req.prefill_only, adopt=req.adopt
-            )
+            self.engine.add(req.request_id, req.segments, prefill_only=req.prefill_only, adopt=req.adopt)
         except Exception as exc:  # a request that can never run fails alone
             self.send(WorkerFailed(req.request_id, f"{type(exc).__name__}: {exc}"))
 
     def step(self) -> None:
-        from engine_server.engine.engine import Delta, Failed, Finished
-
         engine = self.engine
         try:
             events = engine.step()
@@ -222,7 +282,7 @@ class Worker:
             error = f"engine step failed: {type(exc).__name__}: {exc}"
             for rid in engine.reset():
                 self.send(WorkerFailed(rid, error))
-            if not device_usable(self.device):
+            if not engine.usable():
                 # A CUDA error is sticky: every later step would fail too. Exit, so the
                 # server restarts this engine and requeues its requests.
                 log.error("engine %d: the device is unusable after that error; exiting", self.engine_id)
@@ -252,17 +312,20 @@ class Worker:
         load = engine.load()
         state = tuple(load.values())
         now = time.monotonic()
-        if state == self._last_load and not engine.cache.evicted:
+        evicted = engine.has_evicted()
+        if state == self._last_load and not evicted:
             return False
-        if not engine.cache.evicted and now - self._last_load_t < LOAD_INTERVAL_S:
+        if not evicted and now - self._last_load_t < LOAD_INTERVAL_S:
             return True
         # The cached-block count is a scan of the cache: made only for a report that goes out.
         cached = engine.cached_blocks()
-        self.send(WorkerLoad(self.engine_id, evicted_keys=engine.cache.take_evicted(), kv_blocks_cached=cached, **load))
+        self.send(WorkerLoad(self.engine_id, evicted_keys=engine.take_evicted(), kv_blocks_cached=cached, **load))
         self._last_load, self._last_load_t = state, now
         return False
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
         self.ctx.destroy(linger=1000)
 
 
@@ -310,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--background-chunk", type=int)
     parser.add_argument("--shared-prefix-kernel", choices=["auto", "on", "off"])
+    # An outside OpenAI-compatible server instead of the builtin engine; its API key comes
+    # in PARROT_NB_ENGINE_API_KEY (the environment, not argv, so `ps` does not show it).
+    parser.add_argument("--remote", default=None, metavar="URL")
     args = parser.parse_args(argv)
     options = {
         name: getattr(args, name)
@@ -322,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         options["shared_prefix_kernel"] = {"auto": None, "on": True, "off": False}[args.shared_prefix_kernel]
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     key = os.environ.get("PARROT_NB_KEY", "").encode()
-    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid, options)
+    if args.remote is not None:  # the sizing flags of the builtin engine mean nothing there
+        options = {"max_running": args.max_running} if args.max_running is not None else {}
+    worker = Worker(args.endpoint, args.engine_id, args.model, args.device, key, server_pid, options, args.remote)
     try:
         if not worker.load():
             return 1
