@@ -1,0 +1,318 @@
+"""What the workload scripts share: checkpoints, documents of exact token counts, the two sides, the run.
+
+The two sides run the same engine, kernels and model, so only the API and the scheduling differ
+(../../shared/BENCHMARKS.md, "Our baseline"):
+
+- ``parrot``: the application as a notebook writes it, through ``parrot_nb``: every call submitted
+  at once, the DAG executed on the server, objectives deduced from it, prefix sharing at variable
+  boundaries, the shared-prefix decode kernel where the engine's chooser picks it.
+- ``baseline``: the same server process started with ``--http-port 0 --shared-prefix-kernel off``,
+  driven the way request-centric apps are today: OpenAI ``/v1/completions`` calls, client-side
+  orchestration (a dependent call waits for the previous answer; independent ones are issued
+  concurrently), FIFO (each HTTP request is its own one-call application, queued by arrival),
+  block prefix caching on (like vLLM's APC), no shared-prefix kernel, no DAG, no objectives.
+- ``baseline-latency``: the baseline with ``--max-running 4``, the paper's "latency-tuned vLLM"
+  (small batches: each request decodes faster, fewer run at once). Only multi-agent uses it.
+
+Both sides get the same simulated round trip per client-server message: the parrot side through
+``benchmarks/netdelay.py`` (every ZMQ message delayed by half the round trip, each way), the
+baseline by sleeping half the round trip before each HTTP request and after its answer.
+
+Documents are words ``w<id>`` of a word-level tokenizer (``make_checkpoint``), one token each,
+so prompt lengths are exact; outputs ignore EOS and have fixed lengths, so both sides do equal work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import parrot_nb  # noqa: E402
+from servers import Server, new_result  # noqa: E402
+
+VOCAB_FIRST = 100  # word ids below this are left alone (specials and the unknown word)
+
+SHAPES: dict[str, dict] = {
+    # Llama-2-7B (MHA: 32 KV heads); its context is raised to 8,192 so that Copilot-length prompts fit.
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+                      max_seq_len=8192, rope_theta=10000.0, norm_eps=1e-5),
+    # Llama-3-8B (GQA: 8 KV heads).
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                      max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5),
+    # A small model for a dry run on a CPU (the same code paths, sizes scaled down).
+    "tiny-words": dict(vocab_size=8000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176,
+                       max_seq_len=16384, rope_theta=10000.0, norm_eps=1e-5),
+}  # fmt: skip
+
+
+def make_checkpoint(path: Path, shape: str, device: str) -> Path:
+    """Random bf16 (fp32 on a CPU) weights of ``shape`` as a Hugging Face directory, with a word-level
+    tokenizer built in code: ``w<id>`` is token ``id``. Nothing is downloaded; kept if already there."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from engine_server.engine.model import ModelConfig, build_random_model
+
+    spec = SHAPES[shape]
+    if (path / "model.safetensors.index.json").exists() and json.loads((path / "shape.json").read_text()) == spec:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = spec["vocab_size"]
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+        "hidden_size": spec["dim"], "intermediate_size": spec["hidden_dim"], "num_hidden_layers": spec["n_layers"],
+        "num_attention_heads": spec["n_heads"], "num_key_value_heads": spec["n_kv_heads"],
+        "max_position_embeddings": spec["max_seq_len"], "rms_norm_eps": spec["norm_eps"],
+        "rope_theta": spec["rope_theta"], "hidden_act": "silu", "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    }))  # fmt: skip
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_random_model(ModelConfig(**spec), seed=0, device=device, dtype=dtype)
+    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
+    names, shards, weight_map = sorted(state), 4, {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n].cpu().contiguous() for n in names[i::shards]}
+        save_file(part, str(path / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "shape.json").write_text(json.dumps(spec))
+    del model, state
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return path
+
+
+class Words:
+    """Texts of exact token counts (one word, one token), drawn from a seeded generator."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        self.vocab, self.rng = vocab, random.Random(seed)
+
+    def __call__(self, n: int) -> str:
+        return " ".join(f"w{self.rng.randrange(VOCAB_FIRST, self.vocab)}" for _ in range(n))
+
+
+# ----------------------------------------------------------------------------- the sides
+
+
+class Baseline:
+    """A request-centric client: ``/v1/completions`` calls, each delayed by the round trip."""
+
+    def __init__(self, url: str, rtt_ms: float) -> None:
+        self.url, self.half = f"{url}/v1/completions", rtt_ms / 2000
+
+    async def __aenter__(self) -> Baseline:
+        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=2048)
+        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(1800.0))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        """One call, answered whole: the request and the answer each cross the network once."""
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        await asyncio.sleep(self.half)
+        r = await self.http.post(self.url, json=body)
+        await asyncio.sleep(self.half)
+        if r.status_code != 200:
+            raise RuntimeError(f"baseline call failed: HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()["choices"][0]["text"]
+
+
+@dataclass
+class Side:
+    name: str  # parrot | baseline | baseline-latency
+    server: Server
+    rtt_ms: float = 0.0
+
+    def use(self, rtt_ms: float) -> None:
+        self.rtt_ms = rtt_ms
+        if self.name == "parrot":
+            self.server.use(rtt_ms)
+
+    def baseline(self) -> Baseline:
+        info = json.loads(self.server.connection_file.read_text())
+        return Baseline(info["http"], self.rtt_ms)
+
+
+SIDE_FLAGS = {
+    "parrot": (),
+    "baseline": ("--http-port", "0", "--shared-prefix-kernel", "off"),
+    "baseline-latency": ("--http-port", "0", "--shared-prefix-kernel", "off", "--max-running", "4"),
+}
+
+
+def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
+    server = Server(tmp, name, model, device, *SIDE_FLAGS[name])
+    deadline = time.monotonic() + 600
+    if name == "parrot":
+        server.use(0.0)
+    else:
+        url = json.loads(server.connection_file.read_text())["http"]
+        while True:  # the engine loads, fuses and captures its graphs first
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise RuntimeError(f"{name} server did not become ready; see {server.log.name}")
+            time.sleep(0.2)
+    return Side(name, server)
+
+
+def open_apps(*names: str) -> None:
+    """Open the parrot side's applications before the clock starts: a notebook opens its application
+    once (a round trip, made on the first call otherwise), as an HTTP client opens its connection."""
+    from parrot_nb import session
+
+    client = session.require_client()
+    for name in names:
+        client.app_id(name)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(round(q * (len(ys) - 1))))] if ys else float("nan")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Workload:
+    """One workload: its configurations, and how each side runs one (returning its metrics)."""
+
+    name: str
+    configs: Callable[[str], list[dict]]  # scale -> parameter sets
+    parrot: Callable[[dict, Words], dict]
+    baseline: Callable[[Side, dict, Words], dict]  # runs its own asyncio loop
+    sides: tuple[str, ...] = ("parrot", "baseline")
+    summary: Callable[[list[dict]], dict] | None = None  # the headline numbers, from the finished configs
+
+
+def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir: Path | None, script: str,
+        model_dir: Path | None = None) -> dict[str, dict]:  # fmt: skip
+    """Run every workload's configurations on each side (one server at a time); return results by name."""
+    tmp = Path(tempfile.mkdtemp(prefix="parrot-workloads-"))
+    t = time.perf_counter()
+    model = make_checkpoint(model_dir or tmp / shape, shape, device)
+    checkpoint_s = time.perf_counter() - t
+    vocab = SHAPES[shape]["vocab_size"]
+    results = {}
+    for w in workloads:
+        res = new_result(script)
+        res.update(workload=w.name, shape=shape, device=device, scale=scale, machine=_machine(device), configs=[])
+        res["configs"] = [{"params": p} for p in w.configs(scale)]
+        results[w.name] = res
+    sides = [s for s in ("parrot", "baseline", "baseline-latency") if any(s in w.sides for w in workloads)]
+    timings = {"checkpoint_s": round(checkpoint_s, 1)}
+    for side_name in sides:
+        t = time.perf_counter()
+        side = start_side(side_name, tmp, str(model), device)
+        timings[f"{side_name}_start_s"] = round(time.perf_counter() - t, 1)
+        try:
+            _warm_up(side, vocab)
+            for w in workloads:
+                if side_name not in w.sides:
+                    continue
+                for i, cfg in enumerate(results[w.name]["configs"]):
+                    params = cfg["params"]
+                    side.use(params.get("rtt_ms", 0.0))
+                    words = Words(vocab, seed=zlib.crc32(f"{w.name}/{i}".encode()))  # the same texts on every side
+                    t = time.perf_counter()
+                    if side_name == "parrot":
+                        metrics = w.parrot(params, words)
+                    else:
+                        metrics = w.baseline(side, params, words)
+                    metrics["wall_s"] = round(time.perf_counter() - t, 3)
+                    cfg[side_name] = metrics
+                    print(f"[{w.name}] {side_name} {params}: {_short(metrics)}", file=sys.stderr, flush=True)
+        finally:
+            if side_name == "parrot":
+                parrot_nb.disconnect()
+            side.server.stop()
+    for w in workloads:
+        res = results[w.name]
+        res["setup_s"] = timings
+        if w.summary is not None:
+            res["summary"] = w.summary(res["configs"])
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{w.name}_{shape}.json").write_text(json.dumps(res, indent=2) + "\n")
+    return results
+
+
+def _warm_up(side: Side, vocab: int) -> None:
+    """One small call first, so that nothing measured pays for a first use."""
+    words = Words(vocab, seed=12345)
+    if side.name == "parrot":
+        from parrot_nb import SemanticFunction
+
+        f = SemanticFunction.from_template("warm_up", "{{input:x}} {{output:y max_tokens=8 ignore_eos=true}}")
+        with parrot_nb.app("warm-up"):
+            f(x=words(300)).get(timeout=600)
+    else:
+
+        async def go() -> None:
+            async with side.baseline() as b:
+                await b.complete(words(300), 8)
+
+        asyncio.run(go())
+
+
+def _short(metrics: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def _machine(device: str) -> str:
+    if device != "cuda":
+        return f"{os.cpu_count()}-core CPU"
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+
+
+def cli(workloads: list[Workload], script: str, argv: list[str] | None = None) -> int:
+    """The command line every workload script shares."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny-words", help="the model's shape (random weights)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--scale", choices=["smoke", "full"], default="smoke",
+                    help="smoke: small sizes (a CPU dry run); full: the sizes reported on the H200")  # fmt: skip
+    ap.add_argument("--model-dir", type=Path, default=None, help="where the checkpoint is written (kept for reuse)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="write <workload>_<shape>.json here")
+    args = ap.parse_args(argv)
+    results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir)
+    print(json.dumps({name: r.get("summary", {}) for name, r in results.items()}, indent=2))
+    return 0
