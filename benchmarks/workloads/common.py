@@ -216,12 +216,18 @@ class Workload:
     baseline: Callable[[Side, dict, Words], dict]  # runs its own asyncio loop
     sides: tuple[str, ...] = ("parrot", "baseline")
     summary: Callable[[list[dict]], dict] | None = None  # the headline numbers, from the finished configs
+    # Whether a side may skip a configuration, given that side's results so far (a rate sweep stops
+    # above the first rate a side cannot sustain); returns the reason, or "".
+    skip: Callable[[str, dict, list[dict]], str] | None = None
 
 
 def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir: Path | None, script: str,
-        model_dir: Path | None = None) -> dict[str, dict]:  # fmt: skip
-    """Run every workload's configurations on each side (one server at a time); return results by name."""
-    tmp = Path(tempfile.mkdtemp(prefix="parrot-workloads-"))
+        model_dir: Path | None = None, work_dir: Path | None = None) -> dict[str, dict]:  # fmt: skip
+    """Run every workload's configurations on each side (one server at a time); return results by name.
+
+    The JSON files are rewritten after every configuration, so a run cut short keeps what it measured."""
+    tmp = work_dir or Path(tempfile.mkdtemp(prefix="parrot-workloads-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     model = make_checkpoint(model_dir or tmp / shape, shape, device)
     checkpoint_s = time.perf_counter() - t
@@ -245,6 +251,11 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
                     continue
                 for i, cfg in enumerate(results[w.name]["configs"]):
                     params = cfg["params"]
+                    done = [c[side_name] for c in results[w.name]["configs"][:i] if side_name in c]
+                    why = w.skip(side_name, params, done) if w.skip is not None else ""
+                    if why:
+                        cfg.setdefault("skipped", {})[side_name] = why
+                        continue
                     side.use(params.get("rtt_ms", 0.0))
                     words = Words(vocab, seed=zlib.crc32(f"{w.name}/{i}".encode()))  # the same texts on every side
                     t = time.perf_counter()
@@ -255,19 +266,26 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
                     metrics["wall_s"] = round(time.perf_counter() - t, 3)
                     cfg[side_name] = metrics
                     print(f"[{w.name}] {side_name} {params}: {_short(metrics)}", file=sys.stderr, flush=True)
+                    _write(results[w.name], w, out_dir, timings)
         finally:
             if side_name == "parrot":
                 parrot_nb.disconnect()
             side.server.stop()
     for w in workloads:
-        res = results[w.name]
-        res["setup_s"] = timings
-        if w.summary is not None:
-            res["summary"] = w.summary(res["configs"])
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{w.name}_{shape}.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write(results[w.name], w, out_dir, timings)
     return results
+
+
+def _write(res: dict, w: Workload, out_dir: Path | None, timings: dict) -> None:
+    res["setup_s"] = timings
+    if w.summary is not None:
+        try:
+            res["summary"] = w.summary(res["configs"])
+        except (KeyError, ZeroDivisionError, IndexError):  # a side has not run yet
+            res["summary"] = {}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{w.name}_{res['shape']}.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
 def _warm_up(side: Side, vocab: int) -> None:
@@ -312,7 +330,8 @@ def cli(workloads: list[Workload], script: str, argv: list[str] | None = None) -
                     help="smoke: small sizes (a CPU dry run); full: the sizes reported on the H200")  # fmt: skip
     ap.add_argument("--model-dir", type=Path, default=None, help="where the checkpoint is written (kept for reuse)")
     ap.add_argument("--out-dir", type=Path, default=None, help="write <workload>_<shape>.json here")
+    ap.add_argument("--work-dir", type=Path, default=None, help="servers' logs and event logs (default: a temp dir)")
     args = ap.parse_args(argv)
-    results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir)
+    results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir, args.work_dir)
     print(json.dumps({name: r.get("summary", {}) for name, r in results.items()}, indent=2))
     return 0
