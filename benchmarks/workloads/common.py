@@ -150,7 +150,7 @@ class Side:
 
     def use(self, rtt_ms: float) -> None:
         self.rtt_ms = rtt_ms
-        if self.name == "parrot":
+        if self.name.startswith("parrot"):
             self.server.use(rtt_ms)
 
     def baseline(self) -> Baseline:
@@ -160,6 +160,9 @@ class Side:
 
 SIDE_FLAGS = {
     "parrot": (),
+    # Diagnostic sides: parrot-nb with one feature off, to say where a difference comes from.
+    "parrot-paged": ("--shared-prefix-kernel", "off"),
+    "parrot-no-early": ("--no-early-prefill",),
     "baseline": ("--http-port", "0", "--shared-prefix-kernel", "off"),
     "baseline-latency": ("--http-port", "0", "--shared-prefix-kernel", "off", "--max-running", "4"),
 }
@@ -168,7 +171,7 @@ SIDE_FLAGS = {
 def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
     server = Server(tmp, name, model, device, *SIDE_FLAGS[name])
     deadline = time.monotonic() + 600
-    if name == "parrot":
+    if name.startswith("parrot"):
         server.use(0.0)
     else:
         url = json.loads(server.connection_file.read_text())["http"]
@@ -219,10 +222,12 @@ class Workload:
     # Whether a side may skip a configuration, given that side's results so far (a rate sweep stops
     # above the first rate a side cannot sustain); returns the reason, or "".
     skip: Callable[[str, dict, list[dict]], str] | None = None
+    warm_up: bool = True  # run the first configuration once unmeasured with --warm (False: too costly)
 
 
 def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir: Path | None, script: str,
-        model_dir: Path | None = None, work_dir: Path | None = None) -> dict[str, dict]:  # fmt: skip
+        model_dir: Path | None = None, work_dir: Path | None = None, only_sides: list[str] | None = None,
+        warm: bool = False) -> dict[str, dict]:  # fmt: skip
     """Run every workload's configurations on each side (one server at a time); return results by name.
 
     The JSON files are rewritten after every configuration, so a run cut short keeps what it measured."""
@@ -235,10 +240,11 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
     results = {}
     for w in workloads:
         res = new_result(script)
-        res.update(workload=w.name, shape=shape, device=device, scale=scale, machine=_machine(device), configs=[])
+        res.update(workload=w.name, shape=shape, device=device, scale=scale, machine=_machine(device), warm=warm, configs=[])
         res["configs"] = [{"params": p} for p in w.configs(scale)]
         results[w.name] = res
-    sides = [s for s in ("parrot", "baseline", "baseline-latency") if any(s in w.sides for w in workloads)]
+    wanted = only_sides or [*SIDE_FLAGS]
+    sides = [s for s in SIDE_FLAGS if s in wanted and any(_runs_on(w, s) for w in workloads)]
     timings = {"checkpoint_s": round(checkpoint_s, 1)}
     for side_name in sides:
         t = time.perf_counter()
@@ -247,8 +253,13 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
         try:
             _warm_up(side, vocab)
             for w in workloads:
-                if side_name not in w.sides:
+                if not _runs_on(w, side_name):
                     continue
+                if warm and w.warm_up:  # its first configuration once, on other texts, unmeasured
+                    first = results[w.name]["configs"][0]["params"]
+                    side.use(first.get("rtt_ms", 0.0))
+                    words = Words(vocab, seed=zlib.crc32(f"warm/{w.name}".encode()))
+                    w.parrot(first, words) if side_name.startswith("parrot") else w.baseline(side, first, words)
                 for i, cfg in enumerate(results[w.name]["configs"]):
                     params = cfg["params"]
                     done = [c[side_name] for c in results[w.name]["configs"][:i] if side_name in c]
@@ -258,17 +269,18 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
                         continue
                     side.use(params.get("rtt_ms", 0.0))
                     words = Words(vocab, seed=zlib.crc32(f"{w.name}/{i}".encode()))  # the same texts on every side
-                    t = time.perf_counter()
-                    if side_name == "parrot":
+                    t, since = time.perf_counter(), time.time()
+                    if side_name.startswith("parrot"):
                         metrics = w.parrot(params, words)
                     else:
                         metrics = w.baseline(side, params, words)
                     metrics["wall_s"] = round(time.perf_counter() - t, 3)
+                    metrics["server"] = server_stats(side.server.events(), since)
                     cfg[side_name] = metrics
                     print(f"[{w.name}] {side_name} {params}: {_short(metrics)}", file=sys.stderr, flush=True)
                     _write(results[w.name], w, out_dir, timings)
         finally:
-            if side_name == "parrot":
+            if side_name.startswith("parrot"):
                 parrot_nb.disconnect()
             side.server.stop()
     for w in workloads:
@@ -288,10 +300,33 @@ def _write(res: dict, w: Workload, out_dir: Path | None, timings: dict) -> None:
         (out_dir / f"{w.name}_{res['shape']}.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
+def _runs_on(w: Workload, side: str) -> bool:
+    """Diagnostic parrot sides run every workload the parrot side runs."""
+    return side in w.sides or (side.startswith("parrot-") and "parrot" in w.sides)
+
+
+def server_stats(events: list[dict], since: float) -> dict:
+    """What the server saw of the requests that finished since ``since`` (its event log): means of
+    queue, execution and time to first token, and the tokens prefilled, served from cache and generated."""
+    done = [e for e in events if e.get("type") == "RequestFinished" and e["t"] >= since and not e.get("app_id", "") == ""]
+    done = [e for e in done if e["output_tokens"] > 0]  # not the early prefills' bookkeeping
+    if not done:
+        return {}
+    return {
+        "requests": len(done),
+        "mean_queue_s": round(mean([e["queue_s"] for e in done]), 4),
+        "mean_exec_s": round(mean([e["exec_s"] for e in done]), 4),
+        "mean_ttft_s": round(mean([e["ttft_s"] for e in done]), 4),
+        "prompt_tokens": sum(e["prompt_tokens"] for e in done),
+        "cached_tokens": sum(e["cached_tokens"] for e in done),
+        "output_tokens": sum(e["output_tokens"] for e in done),
+    }
+
+
 def _warm_up(side: Side, vocab: int) -> None:
     """One small call first, so that nothing measured pays for a first use."""
     words = Words(vocab, seed=12345)
-    if side.name == "parrot":
+    if side.name.startswith("parrot"):
         from parrot_nb import SemanticFunction
 
         f = SemanticFunction.from_template("warm_up", "{{input:x}} {{output:y max_tokens=8 ignore_eos=true}}")
@@ -331,7 +366,16 @@ def cli(workloads: list[Workload], script: str, argv: list[str] | None = None) -
     ap.add_argument("--model-dir", type=Path, default=None, help="where the checkpoint is written (kept for reuse)")
     ap.add_argument("--out-dir", type=Path, default=None, help="write <workload>_<shape>.json here")
     ap.add_argument("--work-dir", type=Path, default=None, help="servers' logs and event logs (default: a temp dir)")
+    ap.add_argument("--sides", default="parrot,baseline,baseline-latency",
+                    help=f"comma-separated, of {', '.join(SIDE_FLAGS)} (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--warm", action="store_true",
+                    help="before measuring a workload on a side, run its first configuration once unmeasured "
+                    "(kernels compiled for its shapes beforehand, as on a server that has been serving a while)")  # fmt: skip
     args = ap.parse_args(argv)
-    results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir, args.work_dir)
+    sides = args.sides.split(",")
+    if set(sides) - set(SIDE_FLAGS):
+        ap.error(f"unknown sides {sorted(set(sides) - set(SIDE_FLAGS))}; they are {', '.join(SIDE_FLAGS)}")
+    results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir, args.work_dir,
+                  sides, args.warm)  # fmt: skip
     print(json.dumps({name: r.get("summary", {}) for name, r in results.items()}, indent=2))
     return 0

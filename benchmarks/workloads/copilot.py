@@ -85,7 +85,7 @@ def summary(cfgs: list[dict]) -> dict:
     }
 
 
-WORKLOAD = Workload("copilot", configs, parrot, baseline, summary=summary)
+WORKLOAD = Workload("copilot", configs, parrot, baseline, summary=summary, warm_up=False)
 
 if __name__ == "__main__":
     sys.exit(cli([WORKLOAD], "workloads/copilot.py"))

@@ -30,7 +30,7 @@ def configs(scale: str) -> list[dict]:
     if scale == "full":
         return [dict(apps=4, system_tokens=(2000, 3000), query_tokens=(100, 200), output_tokens=(100, 200),
                      rate=r, duration_s=8.0, rtt_ms=0.0, target_s_per_token=TARGET_S_PER_TOKEN["full"])
-                for r in (4.0, 8.0, 16.0, 32.0, 64.0)]  # fmt: skip
+                for r in (4.0, 8.0, 16.0, 24.0, 32.0)]  # fmt: skip
     return [dict(apps=2, system_tokens=(100, 200), query_tokens=(10, 20), output_tokens=(4, 8), rate=r,
                  duration_s=2.0, rtt_ms=0.0, target_s_per_token=TARGET_S_PER_TOKEN["smoke"]) for r in (2.0, 8.0)]  # fmt: skip
 
@@ -117,7 +117,7 @@ def skip(side: str, p: dict, done: list[dict]) -> str:
     return f"missed the target at a lower rate ({missed[0]['rate']:g} req/s)" if missed else ""
 
 
-WORKLOAD = Workload("gpts", configs, parrot, baseline, summary=summary, skip=skip)
+WORKLOAD = Workload("gpts", configs, parrot, baseline, summary=summary, skip=skip, warm_up=False)
 
 if __name__ == "__main__":
     sys.exit(cli([WORKLOAD], "workloads/gpts.py"))

@@ -730,7 +730,10 @@ class Engine:
         stream.blocks, stream.context, stream.last_context = [], None, None
         seq.num_computed = seq.cached_tokens = n
         self._trim_blocks(seq)
-        seq.registered = sum(1 for _, length in seq.boundaries if length <= n)
+        # Its keyed boundaries within the adopted KV are cached at its first step (those the prefill
+        # cached itself are found there): streamed text has no key in the prefill, only here, and
+        # other requests that share it fork it from the cache instead of prefilling it again.
+        seq.registered, seq.last_context = 0, None
 
     def _prefill_seq(self, request_id: str) -> _Sequence | None:
         """The prefill-only sequence ``request_id``, parked, waiting or running; None if it is not here."""

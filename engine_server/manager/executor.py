@@ -83,6 +83,9 @@ class Executor:
         self.contexts = ContextRefs()
         self._unused_keys: list[str] = []  # released since the last pump, to tell the engines
         self._activated: dict[str, tuple[float, Perf]] = {}  # var id -> when and how it was first requested
+        # Whose early prefill holds a known start (its last key, and the input streaming after it):
+        # requests that share it wait for that one's contexts instead of prefilling a copy each.
+        self._early_holders: dict[tuple[str, str | None], str] = {}
         self.tools: ToolPool | None = None  # where native steps run (the server sets it)
 
     # ----------------------------------------------------------------- clients
@@ -157,6 +160,8 @@ class Executor:
                 self._activated.pop(var_id, None)
         for app_id in {node.app_id for node in removed} - set(self.graph.apps):
             self.scheduler.drop_app(app_id)
+        if removed:
+            self._early_holders = {k: v for k, v in self._early_holders.items() if v in self.graph.requests}
         return len(removed)
 
     def detail(self, request_id: str) -> RequestDetail:
@@ -351,8 +356,15 @@ class Executor:
         if node.early_engine is not None and not self.scheduler.engines[node.early_engine].alive:
             node.early_engine, node.early_held = None, []  # its engine died, and the prefill with it
             self._drop_early_prefix(node)
+        keys = assign_keys(segments)
+        holder = self.graph.requests.get(self._early_holders.get((keys[-1], streaming), ""))
+        if holder is not None and holder is not node and holder.early_engine is not None and holder.state == "waiting":
+            if node.early_engine is not None:  # two began apart and now hold the same start: one is enough
+                self._drop_stream(node)
+                self._drop_early_prefix(node)
+            return  # the holder's prefill caches this start; this request forks it when it runs
+        self._early_holders[keys[-1], streaming] = node.id
         if node.early_engine is None:
-            keys = assign_keys(segments)
             prefix = prefix_lengths(segments)
             if streaming is None and prefix[keys[-1]] < EARLY_PREFILL_MIN_BYTES:
                 return  # too little to be worth a trip to the engine
