@@ -58,7 +58,7 @@ def _prefill_steps(
     return m, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seqs"])  # one compiled variant whatever the batch's sequence count
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, starts_ptr, lens_ptr, out_ptr,
     stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ot, stride_oh,

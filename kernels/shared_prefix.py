@@ -223,7 +223,10 @@ def _item_partial(
     tl.store(acc_ptr + slot[:, None] * stride_as + heads[:, None] * stride_ah + offs_d[None, :], acc, mask=live[:, None])
 
 
-@triton.jit
+# The counts change with every batch's make-up; specialised (Triton compiles a variant for 1 and for
+# multiples of 16), each new make-up could cost a compile in the middle of serving, and these steps
+# run eagerly, outside CUDA graphs.
+@triton.jit(do_not_specialize=["first_program", "n_group_items", "n_suffix_items"])
 def _shared_prefix_items_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
     m_ptr, l_ptr, acc_ptr,
