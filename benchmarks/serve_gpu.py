@@ -19,46 +19,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import parrot_nb  # noqa: E402
 from parrot_nb import SemanticFunction  # noqa: E402
 
 
 def make_7b(path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """Random bf16 weights in Llama-2-7B's shape with a 32,000-word tokenizer (``w<id>`` is token id)."""
+    import dataclasses
 
-    from engine_server.engine.model import build_random_model, llama2_7b_config
+    from checkpoints import write_word_checkpoint
 
-    path.mkdir(parents=True, exist_ok=True)
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(32000 - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
-    cfg = llama2_7b_config()
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
-    }))  # fmt: skip
-    model = build_random_model(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
-    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
-    names = sorted(state)
-    shards = 4
-    weight_map = {}
-    for i in range(shards):
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n].cpu().contiguous() for n in names[i::shards]}
-        save_file(part, str(path / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    del model, state
-    torch.cuda.empty_cache()
+    from engine_server.engine.model import llama2_7b_config
+
+    spec = {f.name: getattr(llama2_7b_config(), f.name) for f in dataclasses.fields(llama2_7b_config())}
+    keep = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len", "rope_theta", "norm_eps")
+    write_word_checkpoint(path, {k: spec[k] for k in keep}, "cuda")
 
 
 def main() -> int:

@@ -74,6 +74,21 @@ class ServerProcess:
                 self.proc.wait()
 
 
+def wait_http_healthy(server: ServerProcess) -> ServerProcess:
+    """Wait until the server's OpenAI-compatible API (--http-port) says its engines are ready."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{server.info.http}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{server.info.http}/health never said ok:\n{server.log.read_text()[-2000:]}")
+
+
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     """A fresh server for one test (for tests that crash or stop it)."""

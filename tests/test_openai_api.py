@@ -12,27 +12,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, ServerProcess
+from conftest import REPO, ServerProcess, wait_http_healthy
 
 SERVER_ARGS = ("--http-port", "0")
 PREAMBLE = "You are the support desk of a small web shop. Answer in one sentence, cite the policy. " * 3
 
 
-def wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url}/health never said ok")
-
-
 @pytest.fixture(scope="module")
 def api(shared_server: ServerProcess) -> openai.OpenAI:
-    wait_healthy(shared_server.info.http)
+    wait_http_healthy(shared_server)
     return openai.OpenAI(base_url=f"{shared_server.info.http}/v1", api_key="unused-on-loopback", max_retries=0)
 
 
@@ -166,7 +154,7 @@ def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled(shared_s
 def test_with_an_api_key_a_request_without_it_is_refused(tmp_path):
     server = ServerProcess(tmp_path, "--http-port", "0", "--api-key", "s3cret")
     try:
-        wait_healthy(server.info.http)  # /health needs no key
+        wait_http_healthy(server)  # /health needs no key
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.info.http}/v1", api_key="wrong", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=f"{server.info.http}/v1", api_key="s3cret", max_retries=0)

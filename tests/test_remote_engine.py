@@ -7,9 +7,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_http_healthy
 
 import parrot_nb
 from parrot_nb.function import SemanticFunction
@@ -19,18 +18,6 @@ from tests.tiny_oracle import expected_text
 DOC = "Incident 7: the checkout service timed out on its payment dependency after a deploy. " * 4
 
 
-def _healthy(server: ServerProcess) -> ServerProcess:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{server.info.http}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{server.info.http} never became healthy")
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, list[ServerProcess]]]:
     """Two outside servers and a front server with one remote engine over each; connected to the front."""
@@ -38,7 +25,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc
     front = None
     try:
         for name in ("a", "b"):
-            outside.append(_healthy(ServerProcess(tmp_path_factory.mktemp(f"outside-{name}"), "--http-port", "0")))
+            outside.append(wait_http_healthy(ServerProcess(tmp_path_factory.mktemp(f"outside-{name}"), "--http-port", "0")))
         urls = [arg for s in outside for arg in ("--engine-url", s.info.http)]
         front = ServerProcess(tmp_path_factory.mktemp("front"), *urls)
         parrot_nb.connect(front.connection_file)

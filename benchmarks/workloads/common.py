@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import parrot_nb  # noqa: E402
+from checkpoints import write_word_checkpoint  # noqa: E402
 from servers import Server, new_result  # noqa: E402
 
 VOCAB_FIRST = 100  # word ids below this are left alone (specials and the unknown word)
@@ -61,46 +62,14 @@ SHAPES: dict[str, dict] = {
 
 
 def make_checkpoint(path: Path, shape: str, device: str) -> Path:
-    """Random bf16 (fp32 on a CPU) weights of ``shape`` as a Hugging Face directory, with a word-level
-    tokenizer built in code: ``w<id>`` is token ``id``. Nothing is downloaded; kept if already there."""
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from engine_server.engine.model import ModelConfig, build_random_model
-
+    """Random weights of ``shape`` with the word-level tokenizer of ``benchmarks/checkpoints.py``
+    (``w<id>`` is token ``id``); kept if already written for this shape."""
     spec = SHAPES[shape]
-    if (path / "model.safetensors.index.json").exists() and json.loads((path / "shape.json").read_text()) == spec:
+    done = path / "shape.json"
+    if done.exists() and json.loads(done.read_text()) == spec:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = spec["vocab_size"]
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
-        "hidden_size": spec["dim"], "intermediate_size": spec["hidden_dim"], "num_hidden_layers": spec["n_layers"],
-        "num_attention_heads": spec["n_heads"], "num_key_value_heads": spec["n_kv_heads"],
-        "max_position_embeddings": spec["max_seq_len"], "rms_norm_eps": spec["norm_eps"],
-        "rope_theta": spec["rope_theta"], "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
-    }))  # fmt: skip
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_random_model(ModelConfig(**spec), seed=0, device=device, dtype=dtype)
-    state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
-    names, shards, weight_map = sorted(state), 4, {}
-    for i in range(shards):
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n].cpu().contiguous() for n in names[i::shards]}
-        save_file(part, str(path / shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "shape.json").write_text(json.dumps(spec))
-    del model, state
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    write_word_checkpoint(path, spec, device)
+    done.write_text(json.dumps(spec))
     return path
 
 
@@ -185,6 +154,14 @@ def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
                 raise RuntimeError(f"{name} server did not become ready; see {server.log.name}")
             time.sleep(0.2)
     return Side(name, server)
+
+
+def latency_ratios(cfgs: list[dict]) -> dict:
+    """baseline / parrot-nb end-to-end latency, by output length and round trip."""
+    return {
+        f"out{c['params']['output_tokens']}_rtt{c['params']['rtt_ms']:g}": round(c["baseline"]["latency_s"] / c["parrot"]["latency_s"], 3)
+        for c in cfgs if "parrot" in c and "baseline" in c
+    }  # fmt: skip
 
 
 def open_apps(*names: str) -> None:

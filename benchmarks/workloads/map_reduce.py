@@ -15,7 +15,7 @@ import asyncio
 import sys
 import time
 
-from common import Side, Words, Workload, cli, open_apps
+from common import Side, Words, Workload, cli, latency_ratios, open_apps
 
 import parrot_nb
 from parrot_nb import SemanticFunction
@@ -62,14 +62,7 @@ def baseline(side: Side, p: dict, words: Words) -> dict:
     return {"latency_s": round(asyncio.run(go()), 4)}
 
 
-def summary(cfgs: list[dict]) -> dict:
-    return {
-        f"out{c['params']['output_tokens']}_rtt{c['params']['rtt_ms']:g}": round(c["baseline"]["latency_s"] / c["parrot"]["latency_s"], 3)
-        for c in cfgs if "parrot" in c and "baseline" in c
-    }  # fmt: skip
-
-
-WORKLOAD = Workload("map_reduce", configs, parrot, baseline, summary=summary)
+WORKLOAD = Workload("map_reduce", configs, parrot, baseline, summary=latency_ratios)
 
 if __name__ == "__main__":
     sys.exit(cli([WORKLOAD], "workloads/map_reduce.py"))
