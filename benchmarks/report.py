@@ -42,76 +42,65 @@ def load(results: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+def _seconds(v: float) -> str:
+    return f"{v:.3f} s"
+
+
+def _ms(v: float) -> str:
+    return f"{v * 1e3:.1f} ms"
+
+
+# Each workload's rows: the row's label from a configuration, the metric's key, how a value prints.
+ROWS = {
+    "chain_summary": [(lambda p: f"{p['output_tokens']} out, RTT {p['rtt_ms']:g} ms", "latency_s", _seconds)],
+    "map_reduce": [(lambda p: f"{p['output_tokens']} out, RTT {p['rtt_ms']:g} ms", "latency_s", _seconds)],
+    "copilot": [(lambda p: f"{p['requests']} requests, mean latency", "mean_latency_s", _seconds),
+                (lambda p: "per output token", "mean_s_per_output_token", _ms)],
+    "gpts": [(lambda p: f"{p['rate']:g} req/s: mean per output token", "mean_s_per_output_token", _ms)],
+    "multi_agent": [(lambda p: f"{p['files']} files, JCT", "jct_s", _seconds)],
+}  # fmt: skip
+
+
 def rows(runs: dict[str, dict[str, dict]]) -> list[tuple[str, ...]]:
     """(workload, shape, configuration, parrot-nb, baseline, ratio, parrot-nb with the shared-prefix kernel
-    off) for every measured configuration; the last is "-" where that diagnostic side did not run."""
+    off) for every measured configuration; "-" where a side did not run."""
     table: list[tuple[str, ...]] = []
-    for name in ("chain_summary", "map_reduce", "copilot", "gpts", "multi_agent"):
+    for name, metrics in ROWS.items():
         for shape, data in sorted(runs.get(name, {}).items()):
             for c in data["configs"]:
-                p, par, base = c["params"], c.get("parrot"), c.get("baseline")
-                if name == "gpts" and (par is None) != (base is None):  # one side stopped its sweep lower
-                    cell = lambda m: f"{m['mean_s_per_output_token'] * 1e3:.1f}" if m else "not run: over the target at a lower rate"  # noqa: E731
-                    table.append((name, shape, f"{p['rate']:g} req/s: mean ms per output token", cell(par), cell(base), "-"))
+                if "parrot" not in c and "baseline" not in c:
                     continue
-                if par is None or base is None:
-                    continue
-                if name in ("chain_summary", "map_reduce"):
-                    what = f"{p['output_tokens']} out, RTT {p['rtt_ms']:g} ms"
-                    table.append((name, shape, what, f"{par['latency_s']:.3f} s", f"{base['latency_s']:.3f} s",
-                                  f"{base['latency_s'] / par['latency_s']:.2f}x"))  # fmt: skip
-                elif name == "copilot":
-                    what = f"{p['requests']} requests, mean latency"
-                    table.append((name, shape, what, f"{par['mean_latency_s']:.3f} s", f"{base['mean_latency_s']:.3f} s",
-                                  f"{base['mean_latency_s'] / par['mean_latency_s']:.2f}x"))  # fmt: skip
-                    what = "per output token"
-                    table.append((name, shape, what, f"{par['mean_s_per_output_token'] * 1e3:.1f} ms",
-                                  f"{base['mean_s_per_output_token'] * 1e3:.1f} ms",
-                                  f"{base['mean_s_per_output_token'] / par['mean_s_per_output_token']:.2f}x"))  # fmt: skip
-                elif name == "gpts":
-                    what = f"{p['rate']:g} req/s: mean ms per output token"
-                    table.append((name, shape, what, f"{par['mean_s_per_output_token'] * 1e3:.1f}",
-                                  f"{base['mean_s_per_output_token'] * 1e3:.1f}",
-                                  f"{base['mean_s_per_output_token'] / par['mean_s_per_output_token']:.2f}x"))  # fmt: skip
-                elif name == "multi_agent":
-                    what = f"{p['files']} files, JCT"
-                    ratio = f"{base['jct_s'] / par['jct_s']:.2f}x"
+
+                def cell(side: str, key: str, fmt) -> str:
+                    if side in c:
+                        return fmt(c[side][key])
+                    return "not run: over the target at a lower rate" if side in c.get("skipped", {}) else "-"
+
+                for label, key, fmt in metrics:
+                    both = "parrot" in c and "baseline" in c
+                    ratio = f"{c['baseline'][key] / c['parrot'][key]:.2f}x" if both else "-"
+                    base = cell("baseline", key, fmt)
                     lat = c.get("baseline-latency")
-                    extra = f" (latency-tuned {lat['jct_s']:.3f} s: {lat['jct_s'] / par['jct_s']:.2f}x)" if lat else ""
-                    table.append((name, shape, what, f"{par['jct_s']:.3f} s", f"{base['jct_s']:.3f} s{extra}", ratio))
-            if name == "gpts" and data.get("summary"):
-                s = data["summary"]
-                rate = lambda side: f"{s[f'{side}_sustainable_rate']:g} req/s" + (" (top of sweep)" if s[f"{side}_bounded_by_sweep"] else "")  # noqa: E731
-                ratio = f"{s['sustainable_rate_ratio']:.2f}x" if "sustainable_rate_ratio" in s else "-"
-                table.append((name, shape, "sustainable rate at the target", rate("parrot"), rate("baseline"), ratio))
-    return [(*r, _paged(runs, r)) for r in table]
+                    if lat is not None and "parrot" in c:
+                        base += f" (latency-tuned {fmt(lat[key])}: {lat[key] / c['parrot'][key]:.2f}x)"
+                    table.append((name, shape, label(c["params"]), cell("parrot", key, fmt), base, ratio,
+                                  cell("parrot-paged", key, fmt)))  # fmt: skip
+            if name == "gpts":
+                (p, p_rate), (b, b_rate), (pp, _) = (_sustainable(data["configs"], side) for side in ("parrot", "baseline", "parrot-paged"))
+                ratio = f"{p_rate / b_rate:.2f}x" if p_rate is not None and b_rate else "-"
+                table.append((name, shape, "sustainable rate at the target", p, b, ratio, pp))
+    return table
 
 
-def _paged(runs: dict[str, dict[str, dict]], row: tuple[str, ...]) -> str:
-    """The diagnostic side's figure for a table row (same unit as the row's parrot-nb figure)."""
-    name, shape, what = row[0], row[1], row[2]
-    data = runs.get(name, {}).get(shape)
-    if data is None:
-        return "-"
-    for c in data["configs"]:
-        m, p = c.get("parrot-paged"), c["params"]
-        if m is None:
-            continue
-        if name in ("chain_summary", "map_reduce") and what == f"{p['output_tokens']} out, RTT {p['rtt_ms']:g} ms":
-            return f"{m['latency_s']:.3f} s"
-        if name == "copilot" and what.endswith("mean latency"):
-            return f"{m['mean_latency_s']:.3f} s"
-        if name == "copilot" and what == "per output token":
-            return f"{m['mean_s_per_output_token'] * 1e3:.1f} ms"
-        if name == "gpts" and what.startswith(f"{p['rate']:g} req/s"):
-            return f"{m['mean_s_per_output_token'] * 1e3:.1f}"
-        if name == "multi_agent" and what == f"{p['files']} files, JCT":
-            return f"{m['jct_s']:.3f} s"
-    if name == "gpts" and what.startswith("sustainable"):
-        ok = [c["params"]["rate"] for c in data["configs"] if c.get("parrot-paged", {}).get("meets_target")]
-        if any("parrot-paged" in c for c in data["configs"]):
-            return f"{max(ok):g} req/s" if ok else "0 req/s"
-    return "-"
+def _sustainable(cfgs: list[dict], side: str) -> tuple[str, float | None]:
+    """The highest swept rate at which ``side`` met the latency target, printed and as a number."""
+    ran = [c for c in cfgs if side in c]
+    if not ran:
+        return "-", None
+    ok = [c["params"]["rate"] for c in ran if c[side]["meets_target"]]
+    best = max(ok, default=0.0)
+    top = " (top of sweep)" if ok and best == max(c["params"]["rate"] for c in cfgs) else ""
+    return f"{best:g} req/s{top}", best
 
 
 def goals(runs: dict[str, dict[str, dict]]) -> list[str]:

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,8 +133,7 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingSpec:
             raise ApiError(400, f"{name}={body[name]!r} is not supported: send one request per completion", param=name)
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
-    max_tokens = _integer(body, "max_completion_tokens", None)
-    max_tokens = _integer(body, "max_tokens", max_tokens if max_tokens is not None else default_max_tokens)
+    max_tokens = _integer(body, "max_tokens", _integer(body, "max_completion_tokens", default_max_tokens))
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -143,7 +142,7 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingSpec:
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, f"stop must be a string or a list of strings, got {stop!r}", param="stop")
     spec = SamplingSpec(
-        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         top_k=max(0, _integer(body, "top_k", 0) or 0),  # vLLM's extension; -1 means off there
@@ -236,16 +235,17 @@ class HttpFront:
     """The HTTP thread and its bridge to the server loop."""
 
     def __init__(self, host: str, port: int, model_name: str, chat_format: ChatFormat | None,
-                 api_key: str | None, ctx: zmq.Context) -> None:  # fmt: skip
+                 api_key: str | None, ctx: zmq.Context, engine_status: Callable[[], tuple[int, int]]) -> None:  # fmt: skip
+        """``engine_status`` answers (engines ready, the model's context length; 0: not known yet); it is
+        called from the HTTP thread, so it only reads plain values the server loop sets."""
         self.host, self.model_name, self.chat_format, self.api_key = host, model_name, chat_format, api_key
+        self.engine_status = engine_status
         self.ctx = ctx
         self.commands: queue.SimpleQueue[tuple[str, HttpCall]] = queue.SimpleQueue()
         self.wake = ctx.socket(zmq.PULL)  # the server loop polls it
         self.wake.setsockopt(zmq.LINGER, 0)
         self.wake.bind(WAKE_ENDPOINT)
         self._local = threading.local()
-        self.ready_engines = 0  # the server loop keeps it current
-        self.max_context = 0
         self.sock = _listen(host, port)
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
@@ -325,8 +325,9 @@ class HttpFront:
                            "authentication_error", code="invalid_api_key")  # fmt: skip
 
     async def health(self, request: Request) -> Response:
-        if self.ready_engines:
-            return JSONResponse({"status": "ok", "engines_ready": self.ready_engines})
+        ready, _ = self.engine_status()
+        if ready:
+            return JSONResponse({"status": "ok", "engines_ready": ready})
         return JSONResponse({"status": "starting", "engines_ready": 0}, status_code=503)
 
     async def models(self, request: Request) -> Response:
@@ -335,8 +336,9 @@ class HttpFront:
         except ApiError as exc:
             return exc.response()
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "parrot-nb"}
-        if self.max_context:
-            card["max_model_len"] = self.max_context
+        _, max_context = self.engine_status()
+        if max_context:
+            card["max_model_len"] = max_context
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, request: Request) -> Response:

@@ -234,8 +234,9 @@ class EngineServer:
         self.http: HttpFront | None = None  # with --http-port: listening now (a taken port fails here), started in bind()
         if config.http_port is not None:
             self.http = HttpFront(
-                config.http_host, config.http_port, self.model.name, self.graph.chat_format, config.api_key or None, self.ctx
-            )
+                config.http_host, config.http_port, self.model.name, self.graph.chat_format, config.api_key or None,
+                self.ctx, self._engine_status,
+            )  # fmt: skip
         self.http_calls: dict[str, HttpCall] = {}  # by app id: HTTP requests not yet answered
         self._http_answered: list[str] = []  # their apps, to close once the handler that answered returns
         self._handlers = {
@@ -339,7 +340,7 @@ class EngineServer:
                     self._drain(self.tool_socket, self._on_tool_frames)
                 if self.requests in ready:
                     self._drain(self.requests, self._on_client_frames)
-                if self.http is not None:
+                if self.http is not None and (self.http.wake in ready or self._http_answered):
                     try:
                         self._http_pump()
                     except Exception:
@@ -619,8 +620,6 @@ class EngineServer:
     def _http_pump(self) -> None:
         """Take the HTTP thread's commands; close the applications of answered HTTP requests."""
         assert self.http is not None
-        self.http.ready_engines = sum(1 for p in self.engines.values() if p.state == "ready")
-        self.http.max_context = self.graph.max_context
         for what, call in self.http.take_commands():
             if what == "submit":
                 self._http_submit(call)
@@ -628,6 +627,10 @@ class EngineServer:
                 self._http_close(call.app_id, "its HTTP client disconnected")
         while self._http_answered:
             self._http_close(self._http_answered.pop(), "answered")
+
+    def _engine_status(self) -> tuple[int, int]:
+        """Engines ready and the model's context length, for /health and /v1/models (the HTTP thread)."""
+        return sum(1 for p in list(self.engines.values()) if p.state == "ready"), self.graph.max_context
 
     def _http_submit(self, call: HttpCall) -> None:
         """An HTTP request is a one-call application whose one output is requested at once."""

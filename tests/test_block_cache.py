@@ -5,43 +5,11 @@ Expected outputs come from a cache-free greedy reference, as in test_engine_batc
 
 import random
 
-import pytest
+from test_engine_batching import drain, gen, greedy_text, model, tok  # noqa: F401  (fixtures, and helpers)
 
-from engine_server.engine.engine import Engine, EngineConfig, Failed, Finished, GenSegment, TextSegment
-from engine_server.engine.sampler import SamplingParams
-from engine_server.engine.tokenizer import ByteTokenizer
-from tests.engine_reference import context_sensitive_tiny_model, greedy_ids
+from engine_server.engine.engine import Engine, EngineConfig, TextSegment
 
 PREAMBLE = "You are the shop's assistant. Answer briefly, quote the policy, never invent prices. " * 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ByteTokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return context_sensitive_tiny_model()
-
-
-def gen(n: int) -> GenSegment:
-    return GenSegment("a", SamplingParams(max_tokens=n, ignore_eos=True))
-
-
-def greedy_text(model, tok, prompt: str, n: int) -> str:
-    return tok.decode(greedy_ids(model, [tok.bos_id, *tok.encode(prompt)], n))
-
-
-def drain(engine: Engine) -> dict:
-    results = {}
-    while engine.has_work():
-        for ev in engine.step():
-            if isinstance(ev, Finished):
-                results[ev.request_id] = ev.result
-            elif isinstance(ev, Failed):
-                raise AssertionError(ev.error)
-    return results
 
 
 def test_prompts_sharing_a_start_share_its_full_blocks_without_any_key(model, tok):

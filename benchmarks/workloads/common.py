@@ -113,8 +113,9 @@ class Baseline:
 
 @dataclass
 class Side:
-    name: str  # parrot | baseline | baseline-latency
+    name: str  # a key of SIDE_FLAGS
     server: Server
+    http: str = ""  # the baseline server's HTTP API, from its connection file
     rtt_ms: float = 0.0
 
     def use(self, rtt_ms: float) -> None:
@@ -123,8 +124,7 @@ class Side:
             self.server.use(rtt_ms)
 
     def baseline(self) -> Baseline:
-        info = json.loads(self.server.connection_file.read_text())
-        return Baseline(info["http"], self.rtt_ms)
+        return Baseline(self.http, self.rtt_ms)
 
 
 SIDE_FLAGS = {
@@ -140,10 +140,10 @@ SIDE_FLAGS = {
 def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
     server = Server(tmp, name, model, device, *SIDE_FLAGS[name])
     deadline = time.monotonic() + 600
+    url = json.loads(server.connection_file.read_text())["http"]
     if name.startswith("parrot"):
         server.use(0.0)
     else:
-        url = json.loads(server.connection_file.read_text())["http"]
         while True:  # the engine loads, fuses and captures its graphs first
             try:
                 if httpx.get(f"{url}/health", timeout=5).status_code == 200:
@@ -153,7 +153,7 @@ def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
             if time.monotonic() > deadline or server.proc.poll() is not None:
                 raise RuntimeError(f"{name} server did not become ready; see {server.log.name}")
             time.sleep(0.2)
-    return Side(name, server)
+    return Side(name, server, url)
 
 
 def latency_ratios(cfgs: list[dict]) -> dict:
@@ -285,8 +285,8 @@ def _runs_on(w: Workload, side: str) -> bool:
 def server_stats(events: list[dict], since: float) -> dict:
     """What the server saw of the requests that finished since ``since`` (its event log): means of
     queue, execution and time to first token, and the tokens prefilled, served from cache and generated."""
-    done = [e for e in events if e.get("type") == "RequestFinished" and e["t"] >= since and not e.get("app_id", "") == ""]
-    done = [e for e in done if e["output_tokens"] > 0]  # not the early prefills' bookkeeping
+    # Requests that generated something: not the warm-up's, nor anything before this configuration.
+    done = [e for e in events if e.get("type") == "RequestFinished" and e["t"] >= since and e["output_tokens"] > 0]
     if not done:
         return {}
     return {

@@ -121,10 +121,8 @@ class RemoteBackend:
     def add(self, request_id: str, segments: Sequence[SegmentSpec], *, prefill_only: bool = False, adopt: str = "") -> None:
         if request_id in self.tasks:
             raise ValueError(f"request {request_id!r} is already in the engine")
-        if prefill_only:  # nothing to hold it in: report it done, computed nothing
-            self.events.put(Finished(request_id, RunResult({}, {}, {}, 0, 0, Timings())))
-            return
-        if not any(s.kind == "gen" for s in segments):
+        if prefill_only or not any(s.kind == "gen" for s in segments):
+            # Nothing to generate, and no prefill to hold it in: report it done, computed nothing.
             self.events.put(Finished(request_id, RunResult({}, {}, {}, 0, 0, Timings())))
             return
         future = asyncio.run_coroutine_threadsafe(self._run(request_id, list(segments)), self.loop)

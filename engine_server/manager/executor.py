@@ -349,10 +349,6 @@ class Executor:
         segments, streaming = self.graph.known_prefix(node)
         if not segments:
             return  # its prompt starts with the input: nothing known to run ahead
-        texts = [seg.text for seg in segments]
-        if streaming is not None:
-            producer = self.graph.producer(streaming)
-            texts.append("".join(producer.streamed.get(streaming, ())) if producer is not None else "")
         if node.early_engine is not None and not self.scheduler.engines[node.early_engine].alive:
             node.early_engine, node.early_held = None, []  # its engine died, and the prefill with it
             self._drop_early_prefix(node)
@@ -364,6 +360,10 @@ class Executor:
                 self._drop_early_prefix(node)
             return  # the holder's prefill caches this start; this request forks it when it runs
         self._early_holders[keys[-1], streaming] = node.id
+        texts = [seg.text for seg in segments]
+        if streaming is not None:
+            producer = self.graph.producer(streaming)
+            texts.append("".join(producer.streamed.get(streaming, ())) if producer is not None else "")
         if node.early_engine is None:
             prefix = prefix_lengths(segments)
             if streaming is None and prefix[keys[-1]] < EARLY_PREFILL_MIN_BYTES:
