@@ -4,8 +4,11 @@ Run on a CUDA machine: ``python benchmarks/kernels_decode.py --out benchmarks/re
 Per layer, bf16, 32 query heads of 128, KV heads 8 or 32. "Must-read bytes" are what any kernel
 has to read: 2 (K, V) x tokens x kv_heads x head_dim x 2 bytes, each shared prefix counted once.
 Naive is torch SDPA over KV materialised per sequence (the layout of an engine without prefix
-sharing), timed without the materialisation. Times are medians of CUDA-event timings after warmup
-(triton.testing.do_bench). A last section times chunked prefill against SDPA.
+sharing), timed without the materialisation. GPU times are CUDA-graph replays of the call with L2
+flushed before each (what a graphed decode step pays per layer); eager times are
+``triton.testing.do_bench`` medians of plain calls (host launch cost included where it dominates).
+The calibration section fits ``choose_decode_kernel``'s cost model to the GPU times. A last section
+times chunked prefill against SDPA.
 """
 
 from __future__ import annotations
@@ -32,8 +35,35 @@ NAIVE_LIMIT_BYTES = 80 * 2**30  # materialised K+V above this is skipped (the GP
 
 
 def bench(fn) -> float:
-    """Median microseconds."""
+    """Median microseconds of eager calls."""
     return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def gpu_us(fn, calls: int = 8) -> float:
+    """GPU microseconds per call: ``calls`` calls captured in a CUDA graph, each after an L2 flush,
+    less the same graph of flushes alone (medians of replays)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))
+    flush = _FLUSH[0]
+    fn()
+    torch.cuda.synchronize()
+
+    def replay_us(body) -> float:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                flush.zero_()
+                body()
+        graph.replay()
+        torch.cuda.synchronize()
+        t = do_bench(graph.replay, warmup=3, rep=40, return_mode="median") * 1e3
+        del graph
+        return t
+
+    return max(0.0, (replay_us(fn) - replay_us(lambda: None)) / calls)
 
 
 class Batch:
@@ -88,28 +118,42 @@ class Batch:
         return out[0], out[1]
 
 
+HBM_BYTES_PER_US = 4.8e6  # H200 HBM3e peak
+TENSOR_FLOP_PER_US = 989e6  # H200 dense bf16 peak
+
+
 def run_case(name: str, groups, suffix: int, n_kv: int, gen: torch.Generator) -> dict:
     b = Batch(groups, suffix, n_kv, gen)
     args = (b.q, b.k, b.v, b.block_tables, b.context_lens)
+    plan = b.plan
     paged_out = kernels.paged_decode_attention(*args)
-    shared_out = kernels.shared_prefix_decode_attention(*args, b.plan)
+    shared_out = kernels.shared_prefix_decode_attention(*args, plan)
     error = (paged_out.float() - shared_out.float()).abs().max().item()
+    cost = kernels.decode_cost(b.plan, HEADS, n_kv, DIM, 2, torch.cuda.get_device_properties(0).multi_processor_count)
+    # The least time any kernel could take: the must-read bytes at HBM peak, or the tensor-core
+    # work every (sequence, query head) row needs over its own context at peak, whichever is more.
+    flops = 4 * HEADS * DIM * b.plan.paged_tokens
+    bound_us = max(cost.shared_bytes / HBM_BYTES_PER_US, flops / TENSOR_FLOP_PER_US)
     row = {
         "case": name, "batch": len(b.context), "kv_heads": n_kv, "suffix": suffix,
         "read_ratio": b.plan.paged_tokens / b.plan.shared_tokens,
-        "must_read_mb": b.token_bytes(b.plan.shared_tokens) / 1e6,
-        "paged_us": bench(lambda: kernels.paged_decode_attention(*args)),
-        "shared_us": bench(lambda: kernels.shared_prefix_decode_attention(*args, b.plan)),
-        "saved_bytes": b.token_bytes(b.plan.paged_tokens - b.plan.shared_tokens),
+        "ceiling": cost.paged_bytes / HBM_BYTES_PER_US / bound_us,
+        "must_read_mb": cost.shared_bytes / 1e6,
+        "paged_us": gpu_us(lambda: kernels.paged_decode_attention(*args)),
+        "shared_us": gpu_us(lambda: kernels.shared_prefix_decode_attention(*args, plan)),
+        "paged_eager_us": bench(lambda: kernels.paged_decode_attention(*args)),
+        "shared_eager_us": bench(lambda: kernels.shared_prefix_decode_attention(*args, plan)),
+        "cost": cost,
+        "choice": kernels.choose_decode_kernel(b.plan, n_kv, DIM, 2, n_heads=HEADS,
+                                               sms=torch.cuda.get_device_properties(0).multi_processor_count),
         "max_diff": error,
     }
-    naive_bytes = b.token_bytes(b.plan.paged_tokens)
+    naive_bytes = cost.paged_bytes
     if naive_bytes <= NAIVE_LIMIT_BYTES:
         k, v = b.materialised()
         # Decode has one query: the query heads of a KV head are its rows, with no mask (exact GQA).
         q = b.q.view(len(b.context), n_kv, HEADS // n_kv, DIM)
-        row["naive_us"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-        row["naive_tbs"] = naive_bytes / row["naive_us"] / 1e6
+        row["naive_us"] = gpu_us(lambda: F.scaled_dot_product_attention(q, k, v))
         del k, v
     else:
         row["naive_us"] = None
@@ -119,6 +163,14 @@ def run_case(name: str, groups, suffix: int, n_kv: int, gen: torch.Generator) ->
 
 
 def decode_cases():
+    # The shapes the GQA goals name: Llama-3-8B (8 KV heads) at batch 128 / 8k / 64, 64 / 16k / 256,
+    # and a nested batch (a 1k system prompt, 3 documents of 10k, 32 sequences each).
+    yield "Llama-3-8B: 1 group, prefix 8192", [(8192, [(0, 128)])], 64, 8
+    yield "nested: 1024 all, 3 docs x 10240 x 32", [(1024, [(10240, 32)] * 3)], 64, 8
+    # Small batches, where the choice is close.
+    for n_kv in (8, 32):
+        for batch, prefix in ((2, 1024), (4, 4096), (8, 2048), (8, 512)):
+            yield f"1 group, prefix {prefix}", [(prefix, [(0, batch)])], 64, n_kv
     for n_kv in (8, 32):
         for batch in (16, 64, 256):
             for prefix in (128, 1024, 4096, 16384):
@@ -131,24 +183,65 @@ def decode_cases():
         yield "nested: 4096 all, 8 docs x 8192 x 32", [(4096, [(8192, 32)] * 8)], 256, n_kv
 
 
-def calibrate(results: list[dict]) -> tuple[float, float]:
-    """Thresholds (read ratio, saved bytes) that never pick a losing shared run and save the most time."""
-    best, best_gain = (math.inf, math.inf), 0.0
-    for ratio in sorted({r["read_ratio"] for r in results}):
-        for saved in sorted({r["saved_bytes"] for r in results}):
-            chosen = [r for r in results if r["read_ratio"] >= ratio and r["saved_bytes"] >= saved]
-            if any(r["shared_us"] > r["paged_us"] / 0.95 for r in chosen):
-                continue
-            gain = sum(r["paged_us"] - r["shared_us"] for r in chosen)
-            if gain > best_gain:
-                best, best_gain = (ratio, saved), gain
-    return best
+def _nonneg_fit(features: list[list[float]], times: list[float]) -> list[float]:
+    """Least squares in relative error (rows scaled by 1/time) with coefficients kept >= 0."""
+    import numpy as np
+
+    a = np.asarray(features, dtype=np.float64) / np.asarray(times)[:, None]
+    live = list(range(a.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(a[:, live], np.ones(len(times)), rcond=None)
+        if (coef >= 0).all():
+            out = [0.0] * a.shape[1]
+            for i, c in zip(live, coef):
+                out[i] = float(c)
+            return out
+        live.pop(int(np.argmin(coef)))
+
+
+def calibrate(results: list[dict]) -> dict:
+    """The cost model's constants fitted to the measured GPU times (``kernels.shared_prefix`` names)."""
+    paged = _nonneg_fit(
+        [[1.0, r["cost"].shared_bytes, r["cost"].paged_bytes - r["cost"].shared_bytes] for r in results],
+        [r["paged_us"] for r in results],
+    )
+    shared = _nonneg_fit(
+        [[1.0, r["cost"].shared_bytes, r["cost"].shared_flops, r["cost"].partial_bytes] for r in results],
+        [r["shared_us"] for r in results],
+    )
+    rate = lambda c: 1.0 / c if c > 0 else math.inf  # noqa: E731
+    return {
+        "PAGED_FIXED_US": paged[0], "PAGED_BYTES_PER_US": rate(paged[1]), "PAGED_REREAD_BYTES_PER_US": rate(paged[2]),
+        "SHARED_FIXED_US": shared[0], "SHARED_BYTES_PER_US": rate(shared[1]),
+        "SHARED_FLOP_PER_US": rate(shared[2]), "PARTIAL_BYTES_PER_US": rate(shared[3]),
+    }
+
+
+def choices_below(results: list[dict], constants: dict, floor: float = 0.95) -> list[dict]:
+    """Cases where the model under ``constants`` picks a kernel slower than ``floor`` x the better one."""
+    from kernels import shared_prefix
+
+    saved = {n: getattr(shared_prefix, n) for n in constants}
+    for n, v in constants.items():
+        setattr(shared_prefix, n, v)
+    try:
+        bad = []
+        for r in results:
+            pick = r["cost"].pick()
+            best = min(r["paged_us"], r["shared_us"])
+            if best < floor * r[f"{pick}_us"]:
+                bad.append(r)
+        return bad
+    finally:
+        for n, v in saved.items():
+            setattr(shared_prefix, n, v)
 
 
 def constants() -> str:
     from kernels import prefill, shared_prefix
 
-    names = {shared_prefix: ("GROUP_BLOCK_M", "GROUP_WARPS", "SUFFIX_BLOCK_M", "BLOCK_N", "STAGES", "MIN_CHUNK", "PROGRAMS_PER_SM",
+    names = {shared_prefix: ("GROUP_BLOCK_M", "GROUP_WARPS", "GROUP_STAGES", "GROUP_BLOCK_N", "SUFFIX_BLOCK_M",
+                             "SUFFIX_WARPS", "SUFFIX_STAGES", "SUFFIX_BLOCK_N", "MIN_CHUNK", "PROGRAMS_PER_SM",
                              "PREFETCH", "FUSED", "MERGE_HEADS"),
              prefill: ("BLOCK_M", "BLOCK_N", "WARPS", "STAGES")}
     return "; ".join(
@@ -185,6 +278,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, help="write the markdown report here as well")
     parser.add_argument("--commit", help="the commit measured (default: git rev-parse HEAD)")
+    parser.add_argument("--only", type=int, help="only the first N decode cases (a quick look)")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill section")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -195,56 +290,76 @@ def main() -> None:
         f"Command: `python benchmarks/{Path(sys.argv[0]).name} --out benchmarks/results/kernels_decode.md`  ",
         f"Machine: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, Python {platform.python_version()}  ",
-        f"Commit: {commit or 'unknown'}; dtype bf16; {HEADS} query heads x {DIM}; block size {PAGE}; "
-        "times are medians (us) of CUDA-event timings after warmup.  ",
+        f"Commit: {commit or 'unknown'}; dtype bf16; {HEADS} query heads x {DIM}; block size {PAGE}.  ",
         f"Kernel constants: {constants()}.",
         "",
-        "Must-read MB: 2 x tokens x kv_heads x 128 x 2 bytes, shared prefixes counted once. Read ratio: "
-        "tokens paged decode reads / tokens the shared kernel must read. TB/s: must-read bytes / time. "
-        "Naive: SDPA over per-sequence materialised KV ('-': the materialised KV would exceed "
-        f"{NAIVE_LIMIT_BYTES / 2**30:.0f} GiB). Choice: what `choose_decode_kernel` picks.",
+        "GPU us: CUDA-graph replays, L2 flushed before each call. Eager us: do_bench medians of plain calls. "
+        "Must-read MB: 2 x tokens x kv_heads x 128 x 2 bytes, shared prefixes counted once. "
+        "Read ratio: tokens paged decode reads / tokens the shared kernel must read (the bytes-bound "
+        "ceiling of shared over naive). Ceiling: naive's bytes at HBM peak (4.8 TB/s) over the least time "
+        "the shared kernel can take, the larger of its must-read bytes at HBM peak and the tensor-core "
+        "work of every query row over its context at 989 TFLOP/s (GQA makes this bound). Naive: SDPA "
+        "over per-sequence materialised KV ('-': it would exceed "
+        f"{NAIVE_LIMIT_BYTES / 2**30:.0f} GiB). Choice: what `choose_decode_kernel` picks at this commit; "
+        "choice vs best: the better kernel's GPU time over the chosen one's.",
         "",
-        "| case | batch | kv heads | suffix | read ratio | must-read MB | shared us | shared TB/s | paged us | naive us "
-        "| shared vs paged | shared vs naive | choice | max diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | batch | kv heads | suffix | read ratio | ceiling | must-read MB | shared GPU us | shared TB/s "
+        "| paged GPU us | naive GPU us | shared eager us | paged eager us | shared vs naive | of ceiling "
+        "| shared vs paged | choice | choice vs best | max diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    results = [run_case(name, groups, suffix, n_kv, gen) for name, groups, suffix, n_kv in decode_cases()]
-    ratio, saved = calibrate(results)
-    for r in results:
-        shared = r["read_ratio"] >= ratio and r["saved_bytes"] >= saved
-        r["choice"] = "shared" if shared else "paged"
-    for r in results:
-        n_kv, suffix = r["kv_heads"], r["suffix"]
+    cases = list(decode_cases())[: args.only]
+    results = []
+    for name, groups, suffix, n_kv in cases:
+        r = run_case(name, groups, suffix, n_kv, gen)
+        results.append(r)
         vs_naive = None if r["naive_us"] is None else r["naive_us"] / r["shared_us"]
+        of_ceiling = None if vs_naive is None else vs_naive / r["ceiling"]
+        best = min(r["paged_us"], r["shared_us"])
         line = (
-            f"| {r['case']} | {r['batch']} | {n_kv} | {suffix} | {r['read_ratio']:.1f} | {r['must_read_mb']:.1f} "
-            f"| {r['shared_us']:.1f} | {r['must_read_mb'] / r['shared_us']:.2f} | {r['paged_us']:.1f} "
-            f"| {fmt(r['naive_us'], '.1f')} | {r['paged_us'] / r['shared_us']:.2f}x | {fmt(vs_naive, '.1f')}x "
-            f"| {r['choice']} | {r['max_diff']:.1e} |"
+            f"| {r['case']} | {r['batch']} | {n_kv} | {suffix} | {r['read_ratio']:.1f} | {r['ceiling']:.1f} "
+            f"| {r['must_read_mb']:.1f} | {r['shared_us']:.1f} | {r['must_read_mb'] / r['shared_us']:.2f} "
+            f"| {r['paged_us']:.1f} | {fmt(r['naive_us'], '.1f')} | {r['shared_eager_us']:.1f} | {r['paged_eager_us']:.1f} "
+            f"| {fmt(vs_naive, '.1f')}x | {fmt(of_ceiling, '.0%')} | {r['paged_us'] / r['shared_us']:.2f}x "
+            f"| {r['choice']} | {best / r[r['choice'] + '_us']:.2f}x | {r['max_diff']:.1e} |"
         )
         lines.append(line)
         print(line, flush=True)
-    losing = [r for r in results if r["shared_us"] > r["paged_us"] / 0.95]
+    from kernels import shared_prefix
+
+    fitted = calibrate(results)
+    committed = {n: getattr(shared_prefix, n) for n in fitted}
     lines += [
         "",
         "## Calibration of `choose_decode_kernel`",
         "",
-        "Shared is chosen when read ratio >= MIN_READ_RATIO and the bytes it saves >= MIN_SAVED_BYTES. "
-        "The thresholds below are the pair (from the measured values) under which no chosen case runs "
-        "below 0.95x of paged and the total time saved is largest.",
+        "The cost model (kernels/shared_prefix.py): paged us = PAGED_FIXED_US + must-read bytes / "
+        "PAGED_BYTES_PER_US + bytes read again / PAGED_REREAD_BYTES_PER_US; "
+        "shared us = SHARED_FIXED_US + must-read bytes / SHARED_BYTES_PER_US + tile FLOPs / "
+        "SHARED_FLOP_PER_US + partial bytes / PARTIAL_BYTES_PER_US; shared is picked when its estimate "
+        f"is at most SHARED_MARGIN ({shared_prefix.SHARED_MARGIN}) x paged's and at least MIN_SAVED_US "
+        f"({shared_prefix.MIN_SAVED_US}) below it. Fitted here (least squares "
+        "in relative error, non-negative) to the GPU times above:",
         "",
-        f"- MIN_READ_RATIO = {ratio:.2f}, MIN_SAVED_BYTES = {saved:.3g}",
-        "- cases where shared ran below 0.95x of paged (read ratio, saved MB): "
-        + (", ".join(f"({r['read_ratio']:.1f}, {r['saved_bytes'] / 1e6:.0f})" for r in losing) or "none"),
-        f"- chosen shared yet below 0.95x of paged: "
-        f"{sum(1 for r in results if r['choice'] == 'shared' and r['shared_us'] > r['paged_us'] / 0.95)}",
-        "",
-        "## Chunked prefill (causal, from an empty cache) against SDPA (flash, KV repeated per query head)",
-        "",
-        "| sequences x tokens | kv heads | ours us | ours TFLOP/s | SDPA us | SDPA / ours |",
-        "|---|---|---|---|---|---|",
+        "- fitted: " + ", ".join(f"{n}={v:.3g}" for n, v in fitted.items()),
+        "- committed: " + ", ".join(f"{n}={v:.3g}" for n, v in committed.items()),
     ]
-    lines += prefill_rows(gen)
+    for label, consts in (("committed", committed), ("fitted", fitted)):
+        bad = choices_below(results, consts)
+        lines.append(
+            f"- cases where the {label} constants pick a kernel below 0.95x of the better one: {len(bad)} of {len(results)}"
+            + "".join(f"; {r['case']} B{r['batch']} H{r['kv_heads']} s{r['suffix']} "
+                      f"(paged {r['paged_us']:.1f}, shared {r['shared_us']:.1f})" for r in bad)
+        )
+    if not args.no_prefill:
+        lines += [
+            "",
+            "## Chunked prefill (causal, from an empty cache) against SDPA (flash, KV repeated per query head)",
+            "",
+            "| sequences x tokens | kv heads | ours us | ours TFLOP/s | SDPA us | SDPA / ours |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += prefill_rows(gen)
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

@@ -26,13 +26,29 @@ from kernels import paged_decode, reference, shared_prefix  # noqa: E402
 from kernels.partials import merge_partials  # noqa: E402
 
 SHARED_SHAPES = [  # (name, groups, suffix, kv heads)
+    ("8B B128 8k s64 H8", [(8192, [(0, 128)])], 64, 8),
     ("B64 16k s256 H8", [(16384, [(0, 64)])], 256, 8),
+    ("nested 1k+3x10kx32 s64 H8", [(1024, [(10240, 32)] * 3)], 64, 8),
     ("B64 16k s256 H32", [(16384, [(0, 64)])], 256, 32),
-    ("B16 1k s128 H8", [(1024, [(0, 16)])], 128, 8),
-    ("B64 1k s128 H8", [(1024, [(0, 64)])], 128, 8),
-    ("B256 4k s256 H32", [(4096, [(0, 256)])], 256, 32),
-    ("nested 1k+4x4kx16 H8", [(1024, [(4096, 16)] * 4)], 256, 8),
+    ("B8 2k s64 H8", [(2048, [(0, 8)])], 64, 8),
+    ("B4 4k s64 H32", [(4096, [(0, 4)])], 64, 32),
     ("B256 128 s128 H32", [(128, [(0, 256)])], 128, 32),
+]
+# Group-item variants tried against the committed constants: (group rows, warps, stages, BLOCK_N),
+# fused with the suffix items or in a launch of their own, and programs per SM.
+SHARED_VARIANTS = [
+    {},
+    {"PROGRAMS_PER_SM": 1},
+    {"PROGRAMS_PER_SM": 4},
+    {"FUSED": False},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 8},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 8, "PROGRAMS_PER_SM": 1},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 8, "GROUP_STAGES": 2},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 8, "GROUP_BLOCK_N": 32},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 4, "GROUP_BLOCK_N": 32},
+    {"FUSED": False, "GROUP_BLOCK_M": 64, "GROUP_WARPS": 4, "GROUP_STAGES": 4, "GROUP_BLOCK_N": 32},
+    {"FUSED": False, "GROUP_BLOCK_M": 256, "GROUP_WARPS": 8, "GROUP_STAGES": 2, "GROUP_BLOCK_N": 32},
+    {"FUSED": False, "GROUP_BLOCK_M": 128, "GROUP_WARPS": 8, "SUFFIX_BLOCK_N": 32, "SUFFIX_STAGES": 4},
 ]
 
 
@@ -59,29 +75,15 @@ def set_consts(module, config: dict) -> None:
 
 
 def shared_part(base, gen) -> None:
-    defaults = {n: getattr(shared_prefix, n) for n in
-                ("GROUP_BLOCK_M", "GROUP_WARPS", "BLOCK_N", "STAGES", "PROGRAMS_PER_SM", "PREFETCH", "FUSED", "MERGE_HEADS")}
-    configs = [dict(defaults)]
-    for stages, pps in ((2, 2), (3, 1), (3, 3), (4, 2), (4, 3)):
-        configs.append({**defaults, "STAGES": stages, "PROGRAMS_PER_SM": pps})
-    configs.append({**defaults, "MERGE_HEADS": 1})
-    configs.append({**defaults, "PREFETCH": False})
-    configs.append({**defaults, "BLOCK_N": 128, "GROUP_WARPS": 8})
-    seen = []
-    configs = [c for c in configs if not (c in seen or seen.append(c))]
+    """Each variant's GPU time (graph replays, L2 flushed) on every shape, against paged decode."""
+    names = {n for v in SHARED_VARIANTS for n in v}
+    defaults = {n: getattr(shared_prefix, n) for n in names}
     batches = [(name, bench.Batch(groups, suffix, n_kv, gen)) for name, groups, suffix, n_kv in SHARED_SHAPES]
-    print("| shape | paged us | base shared us | naive-free bytes TB/s (base) |", flush=True)
-    for name, b in batches:
-        args = (b.q, b.k, b.v, b.block_tables, b.context_lens)
-        paged = us(lambda: kernels.paged_decode_attention(*args))
-        line = f"| {name} | {paged:.1f} |"
-        if base is not None:
-            plan = base.plan_shared_prefix(b.tables, b.context, bench.PAGE)
-            t = us(lambda: base.shared_prefix_decode_attention(*args, plan))
-            line += f" {t:.1f} | {b.token_bytes(b.plan.shared_tokens) / t / 1e6:.2f} |"
-        print(line, flush=True)
-    for config in configs:
-        set_consts(shared_prefix, config)
+    print("paged GPU us: " + " ".join(
+        f"{name} {bench.gpu_us(lambda: kernels.paged_decode_attention(b.q, b.k, b.v, b.block_tables, b.context_lens)):.1f}"
+        for name, b in batches), flush=True)
+    for variant in SHARED_VARIANTS:
+        set_consts(shared_prefix, {**defaults, **variant})
         times = []
         for name, b in batches:
             b.plan._launches.clear()
@@ -90,18 +92,16 @@ def shared_part(base, gen) -> None:
                 out = shared_prefix.shared_prefix_decode_attention(*args, b.plan)
                 ref = kernels.paged_decode_attention(*args)
                 err = (out.float() - ref.float()).abs().max().item()
-                t = us(lambda: shared_prefix.shared_prefix_decode_attention(*args, b.plan))
-            except Exception as exc:  # noqa: BLE001
-                print(f"{config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                t = bench.gpu_us(lambda: shared_prefix.shared_prefix_decode_attention(*args, b.plan))
+            except Exception as exc:  # noqa: BLE001 (a variant the compiler rejects: registers, shared memory)
+                print(f"{variant}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 times = None
                 break
             times.append((t, err))
         if times:
             geo = math.exp(sum(math.log(t) for t, _ in times) / len(times))
-            bad = max(e for _, e in times)
-            changed = {k: v for k, v in config.items() if defaults[k] != v}
-            print(f"shared {changed or 'defaults'}: " + " ".join(f"{t:.1f}" for t, _ in times)
-                  + f" | geomean {geo:.1f} | max err {bad:.1e}", flush=True)
+            print(f"shared {variant or 'committed'}: " + " ".join(f"{t:.1f}" for t, _ in times)
+                  + f" | geomean {geo:.1f} | max err {max(e for _, e in times):.1e}", flush=True)
     set_consts(shared_prefix, defaults)
     # Where the time goes on the first shape: the merge alone.
     name, b = batches[0]
@@ -111,10 +111,10 @@ def shared_part(base, gen) -> None:
     l = torch.ones_like(m)
     acc = torch.zeros(launch.n_slots, bench.HEADS, bench.DIM, device="cuda")
     out = torch.empty_like(b.q)
-    t = us(lambda: merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets, max_slots=launch.max_slots,
-                                  heads_per_program=math.gcd(bench.HEADS // b.n_kv, shared_prefix.MERGE_HEADS)))
-    print(f"{name}: merge alone {t:.1f} us over {launch.n_slots} slots; group items {launch.n_group_items}, "
-          f"suffix items {launch.n_suffix_items} per KV head", flush=True)
+    t = bench.gpu_us(lambda: merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets, max_slots=launch.max_slots,
+                                            heads_per_program=math.gcd(bench.HEADS // b.n_kv, shared_prefix.MERGE_HEADS)))
+    print(f"{name}: merge alone {t:.1f} us over {launch.n_slots} slots; group items {launch.group_items}, "
+          f"suffix items {launch.suffix_items} per KV head", flush=True)
 
 
 def paged_part(base, gen) -> None:

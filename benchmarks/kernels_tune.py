@@ -31,8 +31,8 @@ SHARED_SHAPES = [  # (groups, suffix, kv heads)
 SHARED_GRID = {
     "GROUP_BLOCK_M": [64, 128],
     "GROUP_WARPS": [4, 8],
-    "BLOCK_N": [64, 128],
-    "STAGES": [2, 3],
+    "GROUP_BLOCK_N": [64, 128],
+    "GROUP_STAGES": [2, 3],
     "PROGRAMS_PER_SM": [2, 4],
 }
 PREFILL_GRID = {"BLOCK_M": [64, 128], "BLOCK_N": [64], "WARPS": [4, 8], "STAGES": [2, 3]}

@@ -21,6 +21,7 @@ _HOMES = {
     "SharedPrefixLaunch": "shared_prefix",
     "SharedPrefixPlan": "shared_prefix",
     "choose_decode_kernel": "shared_prefix",
+    "decode_cost": "shared_prefix",
     "plan_shared_prefix": "shared_prefix",
     "shared_prefix_decode_attention": "shared_prefix",
     "reference_write_kv_cache": "reference",

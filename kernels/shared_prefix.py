@@ -6,10 +6,14 @@ trie over leading block ids: every node two or more sequences pass through; nest
 prompt shared by all and a document shared by some) on the host. The kernel then works on
 *items*: a range of tokens read by a set of sequences. For a group's prefix the item's M rows are
 the group's sequences times the query heads of one KV head, stacked into one tensor-core dot, so
-the prefix is read once per tile of up to ``BLOCK_M`` rows instead of once per sequence; each
-sequence's own suffix is an item of one sequence. One launch runs every item (group items first,
-suffix items filling in behind them); items write partials, and a last kernel merges each
-sequence's partials by log-sum-exp (see ``partials``).
+the prefix is read once per tile of up to ``GROUP_BLOCK_M`` rows instead of once per sequence;
+each sequence's own suffix is an item of one sequence. Items write partials, and a last kernel
+merges each sequence's partials by log-sum-exp (see ``partials``).
+
+A launch's items live in one int32 device buffer whose first two entries count the group and
+suffix items. ``SharedPrefixLaunch.static`` makes a launch of fixed capacity whose grid never
+changes: programs past the counts exit at once, so a CUDA graph captured over it replays any plan
+that ``fill`` fits in (the engine captures one per batch-size bucket).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -24,17 +29,21 @@ import triton.language as tl
 from .paged_decode import multiprocessors
 from .partials import LOG2E, attend_paged_range, dot_options, merge_partials
 
-# Tuned on the H200 by benchmarks/kernels_tune.py.
+# Tuned on the H200 by benchmarks/kernels_probe.py (benchmarks/results/kernels_decode.md).
 GROUP_BLOCK_M = 64  # rows of a group item: sequences x query heads per KV head
 GROUP_WARPS = 4
+GROUP_STAGES = 3
+GROUP_BLOCK_N = 64  # tokens per inner step of a group item
 SUFFIX_BLOCK_M = 16  # rows of a suffix item: the query heads of one KV head (the dot's minimum)
-BLOCK_N = 64  # tokens per inner step
-STAGES = 3
+SUFFIX_WARPS = 4
+SUFFIX_STAGES = 3
+SUFFIX_BLOCK_N = 64
 MIN_CHUNK = 256  # fewest tokens an item is split down to
 PROGRAMS_PER_SM = 2  # split ranges until the launch has about this many programs per SM
 PREFETCH = True  # load the next step's block ids one step ahead (see partials.attend_paged_range)
 MERGE_HEADS = 1  # query heads (of one KV head) one merge program takes (1 measured fastest)
-FUSED = True  # group and suffix items in one launch (False: two launches, group items first)
+FUSED = True  # group and suffix items in one launch, with the group items' warps, stages and BLOCK_N
+STATIC_MERGE_SLOTS = 16  # slots the merge takes per step in a static launch (it loops over more)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,13 @@ class SharedPrefixPlan:
         suffixes = sum(n - s for n, s in zip(self.context_lens, self.suffix_start))
         return sum(g.end - g.start for g in self.groups) + suffixes
 
+    def padded(self, n_seqs: int) -> SharedPrefixPlan:
+        """This plan over ``n_seqs`` rows: the extra rows (a CUDA graph's padding) read one token each."""
+        pad = n_seqs - len(self.context_lens)
+        if pad <= 0:
+            return self
+        return SharedPrefixPlan(self.block_size, self.context_lens + [1] * pad, self.groups, self.suffix_start + [0] * pad)
+
     def to(self, device: torch.device | str, queries_per_kv: int, n_kv_heads: int = 1) -> SharedPrefixLaunch:
         """The work items as tensors on ``device`` (cached: the engine calls once per layer)."""
         device = torch.device(device)
@@ -78,7 +94,7 @@ class SharedPrefixPlan:
             device = torch.device("cuda", torch.cuda.current_device())
         key = (device, queries_per_kv, n_kv_heads)
         if key not in self._launches:
-            self._launches[key] = _build_launch(self, device, queries_per_kv, n_kv_heads)
+            self._launches[key] = SharedPrefixLaunch.build(self, device, queries_per_kv, n_kv_heads)
         return self._launches[key]
 
 
@@ -92,17 +108,26 @@ def plan_shared_prefix(
     than ``min_shared_tokens`` are dropped (their sequences read those tokens as suffix).
     """
     n_seqs = len(context_lens)
+    if n_seqs < 2:
+        return None
     full = [min(n // block_size, len(t)) for n, t in zip(context_lens, block_tables)]
+    width = max(full)
+    if width == 0:
+        return None
+    # Block ids as a matrix; past a sequence's full blocks every entry is its own negative mark, so
+    # no two sequences match there (and the last column always differs).
+    ids = np.repeat(-1 - np.arange(n_seqs, dtype=np.int64)[:, None], width + 1, axis=1)
+    for s, (row, n) in enumerate(zip(block_tables, full)):
+        ids[s, :n] = row[:n]
     suffix_start = [0] * n_seqs
     groups: list[PrefixGroup] = []
     # Depth-first over trie nodes where the set of sequences changes; each stack entry is a set of
     # >= 2 sequences that share blocks [0, depth) and whose nearest enclosing group ends at `since`.
-    stack: list[tuple[list[int], int, int]] = [(list(range(n_seqs)), 0, 0)] if n_seqs >= 2 else []
+    stack: list[tuple[list[int], int, int]] = [(list(range(n_seqs)), 0, 0)]
     while stack:
         seqs, depth, since = stack.pop()
-        first = block_tables[seqs[0]]
-        while all(full[s] > depth for s in seqs) and all(block_tables[s][depth] == first[depth] for s in seqs):
-            depth += 1
+        rows = ids[seqs, depth:]
+        depth += int(np.argmax((rows != rows[0]).any(axis=0)))  # the first block where they part
         if (depth - since) * block_size >= min_shared_tokens and depth > since:
             groups.append(PrefixGroup(tuple(seqs), since * block_size, depth * block_size))
             since = depth
@@ -110,7 +135,7 @@ def plan_shared_prefix(
         for s in seqs:
             suffix_start[s] = since * block_size
             if full[s] > depth:
-                by_block.setdefault(block_tables[s][depth], []).append(s)
+                by_block.setdefault(int(ids[s, depth]), []).append(s)
         stack.extend((sub, depth, since) for sub in by_block.values() if len(sub) >= 2)
     if not groups:
         return None
@@ -118,70 +143,173 @@ def plan_shared_prefix(
     return SharedPrefixPlan(block_size, list(context_lens), groups, suffix_start)
 
 
-@dataclass
-class SharedPrefixLaunch:
-    """A plan's work items on the device.
-
-    ``items`` ``[n, 5]`` int32 rows: offset into ``item_seqs``/``item_slots``, number of
-    sequences, first token, end token, and the batch row whose block table the item reads.
-    Group items come first (``n_group_items``), then suffix items. Each (item, sequence) writes
-    its partial to its slot; sequence b's slots are ``slot_offsets[b] ... slot_offsets[b+1]``.
-    """
-
-    items: torch.Tensor
-    item_seqs: torch.Tensor
-    item_slots: torch.Tensor
-    slot_offsets: torch.Tensor
-    n_group_items: int
-    n_suffix_items: int
-    n_slots: int
-    max_slots: int = 16  # the most slots one sequence owns
-
-
 def _chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
 
 
-def _build_launch(plan: SharedPrefixPlan, device: torch.device, queries_per_kv: int, n_kv_heads: int) -> SharedPrefixLaunch:
-    seqs_per_tile = max(1, GROUP_BLOCK_M // queries_per_kv)
-    tiles = [(g, g.seqs[i : i + seqs_per_tile]) for g in plan.groups for i in range(0, len(g.seqs), seqs_per_tile)]
-    suffixes = [(s, plan.suffix_start[s], n) for s, n in enumerate(plan.context_lens) if n > plan.suffix_start[s]]
+def group_block_m(queries_per_kv: int) -> int:
+    """Rows of a group item's tile (a power of two that holds at least one sequence's heads)."""
+    return max(GROUP_BLOCK_M, triton.next_power_of_2(queries_per_kv))
+
+
+@dataclass
+class _Items:
+    """A plan's work items on the host (see ``SharedPrefixLaunch``)."""
+
+    rows: np.ndarray  # [n_items, 5]
+    item_seqs: np.ndarray
+    item_slots: np.ndarray
+    slot_offsets: np.ndarray
+    n_group_items: int
+
+    @property
+    def n_suffix_items(self) -> int:
+        return len(self.rows) - self.n_group_items
+
+    @property
+    def max_slots(self) -> int:
+        return int(np.diff(self.slot_offsets).max())
+
+
+def _items(plan: SharedPrefixPlan, queries_per_kv: int, n_kv_heads: int, sms: int) -> _Items:
+    seqs_per_tile = max(1, group_block_m(queries_per_kv) // queries_per_kv)
+    suffixes = [(s, a, n) for s, (a, n) in enumerate(zip(plan.suffix_start, plan.context_lens)) if n > a]
     # Split long ranges so that the launch has enough programs; a tile's chunks of one group are
     # neighbours in the grid, so tiles of the same chunk run together and share it through L2.
-    work = sum(g.end - g.start for g, _ in tiles) + sum(n - a for _, a, n in suffixes)
-    target = max(1, PROGRAMS_PER_SM * multiprocessors(device) // n_kv_heads)
-    chunk = max(MIN_CHUNK, triton.cdiv(triton.cdiv(work, target), BLOCK_N) * BLOCK_N)
-    items: list[tuple[tuple[int, ...], int, int]] = []
+    work = sum(-(-len(g.seqs) // seqs_per_tile) * (g.end - g.start) for g in plan.groups)
+    work += sum(n - a for _, a, n in suffixes)
+    target = max(1, PROGRAMS_PER_SM * sms // n_kv_heads)
+    chunk = max(MIN_CHUNK, triton.cdiv(triton.cdiv(work, target), GROUP_BLOCK_N) * GROUP_BLOCK_N)
+    rows: list[tuple[int, int, int, int, int]] = []
+    parts: list[np.ndarray] = []
+    offset = 0
     for g in plan.groups:
-        group_tiles = [t for gg, t in tiles if gg is g]
-        for a, b in _chunks(g.start, g.end, chunk):
-            items.extend((t, a, b) for t in group_tiles)
-    n_group_items = len(items)
+        spans = _chunks(g.start, g.end, chunk)
+        for a, b in spans:
+            for i in range(0, len(g.seqs), seqs_per_tile):
+                rows.append((offset + i, min(seqs_per_tile, len(g.seqs) - i), a, b, g.seqs[i]))
+            offset += len(g.seqs)
+        parts.append(np.tile(np.asarray(g.seqs, dtype=np.int32), len(spans)))
+    n_group = len(rows)
+    own: list[int] = []
     for s, a, n in suffixes:
-        items.extend(((s,), lo, hi) for lo, hi in _chunks(a, n, chunk))
-    per_seq: list[list[int]] = [[] for _ in plan.context_lens]
-    rows, item_seqs, where = [], [], []
-    for seqs, a, b in items:
-        rows.append([len(item_seqs), len(seqs), a, b, seqs[0]])
-        for s in seqs:
-            where.append((s, len(per_seq[s])))
-            per_seq[s].append(len(item_seqs))
-            item_seqs.append(s)
-    offsets = [0]
-    for slots in per_seq:
-        offsets.append(offsets[-1] + len(slots))
-    item_slots = [offsets[s] + k for s, k in where]
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return SharedPrefixLaunch(
-        items=as_tensor(rows).reshape(-1, 5),
-        item_seqs=as_tensor(item_seqs),
-        item_slots=as_tensor(item_slots),
-        slot_offsets=as_tensor(offsets),
-        n_group_items=n_group_items,
-        n_suffix_items=len(items) - n_group_items,
-        n_slots=offsets[-1],
-        max_slots=max(len(slots) for slots in per_seq),
-    )
+        for lo, hi in _chunks(a, n, chunk):
+            rows.append((offset, 1, lo, hi, s))
+            offset += 1
+            own.append(s)
+    parts.append(np.asarray(own, dtype=np.int32))
+    item_seqs = np.concatenate(parts)
+    # Sequence s owns slots offsets[s] ... offsets[s + 1], one per item it is in, in item order:
+    # exactly the positions of its entries in a stable sort by sequence.
+    order = np.argsort(item_seqs, kind="stable")
+    item_slots = np.empty_like(item_seqs)
+    item_slots[order] = np.arange(len(item_seqs), dtype=np.int32)
+    offsets = np.zeros(len(plan.context_lens) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(item_seqs, minlength=len(plan.context_lens)), out=offsets[1:])
+    return _Items(np.asarray(rows, dtype=np.int32).reshape(-1, 5), item_seqs, item_slots, offsets, n_group)
+
+
+@dataclass
+class SharedPrefixLaunch:
+    """A plan's work items on the device, all views of one int32 buffer.
+
+    ``counts`` ``[2]``: group items, suffix items. ``items`` ``[n, 5]`` rows: offset into
+    ``item_seqs``/``item_slots``, number of sequences, first token, end token, and the batch row
+    whose block table the item reads; group items first, then suffix items. Each (item, sequence)
+    writes its partial to its slot; sequence b's slots are ``slot_offsets[b] ... slot_offsets[b+1]``.
+    ``group_items``/``suffix_items`` size the launch grid (the counts, or a static launch's
+    capacities), ``n_slots`` the partial buffers.
+    """
+
+    buffer: torch.Tensor
+    counts: torch.Tensor
+    items: torch.Tensor
+    item_seqs: torch.Tensor
+    item_slots: torch.Tensor
+    slot_offsets: torch.Tensor
+    group_items: int
+    suffix_items: int
+    n_slots: int
+    max_slots: int  # the most slots one sequence owns (sizes the merge's step)
+    queries_per_kv: int = 1
+    n_kv_heads: int = 1
+    host: torch.Tensor | None = None  # a static launch's pinned staging buffer
+
+    @staticmethod
+    def _views(buffer: torch.Tensor, n_items: int, n_slots: int, n_seqs: int) -> dict:
+        sizes = {"counts": 2, "items": 5 * n_items, "item_seqs": n_slots, "item_slots": n_slots, "slot_offsets": n_seqs + 1}
+        views, at = {}, 0
+        for name, size in sizes.items():
+            views[name] = buffer[at : at + size]
+            at += size
+        views["items"] = views["items"].view(n_items, 5)
+        return views
+
+    @staticmethod
+    def _size(n_items: int, n_slots: int, n_seqs: int) -> int:
+        return 2 + 5 * n_items + 2 * n_slots + n_seqs + 1
+
+    @staticmethod
+    def _pack(out: np.ndarray, items: _Items, n_items: int, n_slots: int) -> None:
+        out[0], out[1] = items.n_group_items, items.n_suffix_items
+        at = 2
+        out[at : at + items.rows.size] = items.rows.reshape(-1)
+        at += 5 * n_items
+        out[at : at + len(items.item_seqs)] = items.item_seqs
+        at += n_slots
+        out[at : at + len(items.item_slots)] = items.item_slots
+        at += n_slots
+        out[at : at + len(items.slot_offsets)] = items.slot_offsets
+
+    @classmethod
+    def build(cls, plan: SharedPrefixPlan, device: torch.device, queries_per_kv: int, n_kv_heads: int) -> SharedPrefixLaunch:
+        """The launch of exactly this plan's items (one host-to-device copy)."""
+        items = _items(plan, queries_per_kv, n_kv_heads, multiprocessors(device))
+        n_items, n_slots, n_seqs = len(items.rows), len(items.item_seqs), len(plan.context_lens)
+        host = np.empty(cls._size(n_items, n_slots, n_seqs), dtype=np.int32)
+        cls._pack(host, items, n_items, n_slots)
+        buffer = torch.from_numpy(host).to(device, non_blocking=True)
+        return cls(buffer, **cls._views(buffer, n_items, n_slots, n_seqs), group_items=items.n_group_items,
+                   suffix_items=items.n_suffix_items, n_slots=n_slots, max_slots=items.max_slots,
+                   queries_per_kv=queries_per_kv, n_kv_heads=n_kv_heads)
+
+    @classmethod
+    def static(cls, device: torch.device, n_seqs: int, queries_per_kv: int, n_kv_heads: int) -> SharedPrefixLaunch:
+        """A launch of fixed capacity for ``n_seqs`` rows, for CUDA graphs; ``fill`` loads a plan.
+
+        Capacities follow from how ``_items`` splits work: at most ``target`` chunks' worth plus one
+        partial chunk per range, where a batch has one range per tile and per suffix; a plan
+        with more nested groups than that is refused by ``fill`` (the engine then runs it eagerly).
+        """
+        target = max(1, PROGRAMS_PER_SM * multiprocessors(device) // n_kv_heads)
+        group_items, suffix_items = target + 2 * n_seqs, target + n_seqs
+        n_slots = n_seqs * (target + 4)
+        n_items = group_items + suffix_items
+        with torch.inference_mode(False):  # refilled in place every step, whatever mode the step runs in
+            buffer = torch.zeros(cls._size(n_items, n_slots, n_seqs), dtype=torch.int32, device=device)
+            host = torch.zeros(buffer.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        launch = cls(buffer, **cls._views(buffer, n_items, n_slots, n_seqs), group_items=group_items,
+                     suffix_items=suffix_items, n_slots=n_slots, max_slots=STATIC_MERGE_SLOTS,
+                     queries_per_kv=queries_per_kv, n_kv_heads=n_kv_heads, host=host)
+        launch.fill(SharedPrefixPlan(16, [1] * n_seqs, [], [0] * n_seqs))  # every row reads one token
+        return launch
+
+    def fill(self, plan: SharedPrefixPlan) -> bool:
+        """Load ``plan`` (padded to this launch's rows) into a static launch; False if it does not fit.
+
+        The copy is asynchronous from a pinned buffer that the next ``fill`` rewrites: the caller
+        must have synchronised with the stream in between (the engine does, reading back its
+        sampled tokens every step).
+        """
+        n_seqs = len(self.slot_offsets) - 1
+        if len(plan.context_lens) > n_seqs:
+            return False
+        items = _items(plan.padded(n_seqs), self.queries_per_kv, self.n_kv_heads, multiprocessors(self.buffer.device))
+        if items.n_group_items > self.group_items or items.n_suffix_items > self.suffix_items or len(items.item_seqs) > self.n_slots:
+            return False
+        self._pack(self.host.numpy(), items, len(self.items), self.n_slots)
+        self.buffer.copy_(self.host, non_blocking=True)
+        return True
 
 
 @triton.jit
@@ -223,41 +351,49 @@ def _item_partial(
     tl.store(acc_ptr + slot[:, None] * stride_as + heads[:, None] * stride_ah + offs_d[None, :], acc, mask=live[:, None])
 
 
-# The counts change with every batch's make-up; specialised (Triton compiles a variant for 1 and for
-# multiples of 16), each new make-up could cost a compile in the middle of serving, and these steps
-# run eagerly, outside CUDA graphs.
-@triton.jit(do_not_specialize=["first_program", "n_group_items", "n_suffix_items"])
+@triton.jit
 def _shared_prefix_items_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, counts_ptr, items_ptr, item_seqs_ptr, item_slots_ptr,
     m_ptr, l_ptr, acc_ptr,
     stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb,
     stride_ms, stride_as, stride_ah,
-    qk_scale, first_program, n_group_items, n_suffix_items, n_kv_heads,
-    GROUP: tl.constexpr, GROUP_M: tl.constexpr, SUFFIX_M: tl.constexpr, PAGE: tl.constexpr,
+    qk_scale, n_kv_heads,
+    KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_M: tl.constexpr, SUFFIX_M: tl.constexpr, PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
-    """Programs ``[0, n_group_items * Hkv)`` take group items (KV head-major), the rest suffix
-    items, so the long group items start first and the short suffix items fill in behind them."""
-    pid = first_program + tl.program_id(0)
+    """One program per (item, KV head); the item counts are read from ``counts_ptr``, so the grid
+    may be larger than the work (a static launch) and the programs past it exit.
+
+    ``KIND`` 0: programs ``[0, n_group_items * Hkv)`` take group items (KV head-major), the next
+    ones suffix items, so the long group items start first and the short suffix items fill in
+    behind them. ``KIND`` 1: group items only; 2: suffix items only.
+    """
+    pid = tl.program_id(0)
+    n_group_items = tl.load(counts_ptr)
+    n_suffix_items = tl.load(counts_ptr + 1)
+    if KIND == 2:
+        pid += n_group_items * n_kv_heads
     n_group_programs = n_group_items * n_kv_heads
     if pid < n_group_programs:
-        _item_partial(
-            pid % n_group_items, pid // n_group_items, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr,
-            item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
-            stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah, qk_scale,
-            GROUP=GROUP, BLOCK_M=GROUP_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
-            DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
-        )
-    else:
-        r = pid - n_group_programs
-        _item_partial(
-            n_group_items + r % n_suffix_items, r // n_suffix_items, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr,
-            items_ptr, item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
-            stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah, qk_scale,
-            GROUP=GROUP, BLOCK_M=SUFFIX_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
-            DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
-        )
+        if KIND != 2:
+            _item_partial(
+                pid % n_group_items, pid // n_group_items, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, items_ptr,
+                item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
+                stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah,
+                qk_scale, GROUP=GROUP, BLOCK_M=GROUP_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
+            )
+    elif pid < n_group_programs + n_suffix_items * n_kv_heads:
+        if KIND != 1:
+            r = pid - n_group_programs
+            _item_partial(
+                n_group_items + r % n_suffix_items, r // n_suffix_items, q_ptr, k_cache_ptr, v_cache_ptr,
+                tables_ptr, items_ptr, item_seqs_ptr, item_slots_ptr, m_ptr, l_ptr, acc_ptr,
+                stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_tb, stride_ms, stride_as, stride_ah,
+                qk_scale, GROUP=GROUP, BLOCK_M=SUFFIX_M, PAGE=PAGE, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                DOT_PRECISION=DOT_PRECISION, DOT_FP32=DOT_FP32, PREFETCH=PREFETCH,
+            )
 
 
 def shared_prefix_decode_attention(
@@ -272,7 +408,8 @@ def shared_prefix_decode_attention(
     """Same result as ``paged_decode_attention``, reading each shared prefix once per group.
 
     ``plan`` comes from ``plan_shared_prefix`` over this batch's block tables and context lengths
-    (``context_lens`` itself is not read here: the plan holds the lengths).
+    (``context_lens`` itself is not read here: the plan holds the lengths), or is a launch made
+    from one (``SharedPrefixLaunch.static`` filled with it, inside a CUDA graph).
     """
     batch, n_heads, head_dim = q.shape
     _, page, n_kv_heads, _ = k_cache.shape
@@ -284,37 +421,90 @@ def shared_prefix_decode_attention(
     acc = torch.empty(launch.n_slots, n_heads, head_dim, device=q.device, dtype=torch.float32)
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     common = (
-        q, k_cache, v_cache, block_tables, launch.items, launch.item_seqs, launch.item_slots, m, l, acc,
+        q, k_cache, v_cache, block_tables, launch.counts, launch.items, launch.item_seqs, launch.item_slots, m, l, acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        m.stride(0), acc.stride(0), acc.stride(1), scale * LOG2E,
+        m.stride(0), acc.stride(0), acc.stride(1), scale * LOG2E, n_kv_heads,
     )
-    options = dict(
-        GROUP=group, GROUP_M=max(GROUP_BLOCK_M, triton.next_power_of_2(group)),
-        SUFFIX_M=max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, PREFETCH=PREFETCH, **dot_options(k_cache), num_warps=GROUP_WARPS, num_stages=STAGES,
+    shapes = dict(
+        GROUP=group, GROUP_M=group_block_m(group), SUFFIX_M=max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)),
+        PAGE=page, HEAD_DIM=head_dim, PREFETCH=PREFETCH, **dot_options(k_cache),
     )
-    n_group_programs = launch.n_group_items * n_kv_heads
-    n_programs = n_group_programs + launch.n_suffix_items * n_kv_heads
-    counts = (launch.n_group_items, launch.n_suffix_items, n_kv_heads)
-    if FUSED or not n_group_programs or n_programs == n_group_programs:
-        _shared_prefix_items_kernel[(n_programs,)](*common, 0, *counts, **options)
+    group_config = dict(BLOCK_N=GROUP_BLOCK_N, num_warps=GROUP_WARPS, num_stages=GROUP_STAGES)
+    if FUSED:
+        n_programs = (launch.group_items + launch.suffix_items) * n_kv_heads
+        if n_programs:
+            _shared_prefix_items_kernel[(n_programs,)](*common, KIND=0, **shapes, **group_config)
     else:
-        _shared_prefix_items_kernel[(n_group_programs,)](*common, 0, *counts, **options)
-        _shared_prefix_items_kernel[(n_programs - n_group_programs,)](*common, n_group_programs, *counts, **options)
+        if launch.group_items:
+            _shared_prefix_items_kernel[(launch.group_items * n_kv_heads,)](*common, KIND=1, **shapes, **group_config)
+        if launch.suffix_items:
+            _shared_prefix_items_kernel[(launch.suffix_items * n_kv_heads,)](
+                *common, KIND=2, **shapes, BLOCK_N=SUFFIX_BLOCK_N, num_warps=SUFFIX_WARPS, num_stages=SUFFIX_STAGES
+            )
     out = torch.empty_like(q)
     merge_partials(m, l, acc, out, slot_offsets=launch.slot_offsets, max_slots=launch.max_slots,
                    heads_per_program=math.gcd(group, MERGE_HEADS))
     return out
 
 
-# Calibrated on the H200 (benchmarks/results/kernels_decode.md): the shared kernel pays off once
-# paged decode would read this many times the tokens it reads, and the reads it saves outweigh
-# its fixed cost (two launches, about 20 us against paged decode's 14). Over the 56 measured
-# batches a read ratio of 4 picks shared exactly where it ran at >= 0.95x of paged (every pick
-# ran at >= 1.1x); the least saving among those picks was 63 MB, so 50 MB keeps smaller batches,
-# which the benchmark did not measure, on paged decode.
-MIN_READ_RATIO = 4.0
-MIN_SAVED_BYTES = 50e6
+# The chooser's cost model: GPU microseconds per layer of each kernel, a fixed cost plus its traffic
+# (and, for the shared kernel, its tensor-core work: GQA stacks many rows on each KV tile, padded
+# to the tile) over rates fitted to CUDA-graph replays on the H200, L2 flushed
+# (benchmarks/kernels_decode.py, 63 batches; each estimate within 0.74-1.30x of the measured time).
+PAGED_FIXED_US = 10.5
+PAGED_BYTES_PER_US = 4.66e6  # the bytes any kernel must read (HBM)
+PAGED_REREAD_BYTES_PER_US = 7.73e6  # the shared blocks read again per sequence (mostly L2 hits)
+SHARED_FIXED_US = 9.4
+SHARED_BYTES_PER_US = 4.44e6
+SHARED_FLOP_PER_US = 5.28e8
+PARTIAL_BYTES_PER_US = 1.65e6  # fp32 partials written by the items and read by the merge
+# Shared must be estimated at least this much faster, and save this much per layer: its plan is
+# built and loaded from the host every step, which a saving of a few microseconds does not repay.
+SHARED_MARGIN = 0.95
+MIN_SAVED_US = 2.0
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What each decode kernel would move and compute for one layer of a batch (see ``decode_cost``)."""
+
+    paged_bytes: float
+    shared_bytes: float
+    shared_flops: float
+    partial_bytes: float
+
+    @property
+    def paged_us(self) -> float:
+        reread = self.paged_bytes - self.shared_bytes
+        return PAGED_FIXED_US + self.shared_bytes / PAGED_BYTES_PER_US + reread / PAGED_REREAD_BYTES_PER_US
+
+    @property
+    def shared_us(self) -> float:
+        return (SHARED_FIXED_US + self.shared_bytes / SHARED_BYTES_PER_US + self.shared_flops / SHARED_FLOP_PER_US
+                + self.partial_bytes / PARTIAL_BYTES_PER_US)
+
+    def pick(self) -> str:
+        """The kernel the model expects to be clearly faster: ``"shared"`` or ``"paged"``."""
+        paged, shared = self.paged_us, self.shared_us
+        return "shared" if shared <= SHARED_MARGIN * paged and paged - shared >= MIN_SAVED_US else "paged"
+
+
+def decode_cost(
+    plan: SharedPrefixPlan, n_heads: int, n_kv_heads: int, head_dim: int = 128, dtype_bytes: int = 2, sms: int = 132
+) -> DecodeCost:
+    """Bytes and FLOPs of one layer's decode attention over ``plan``'s batch, per kernel."""
+    group = n_heads // n_kv_heads
+    items = _items(plan, group, n_kv_heads, sms)
+    token_bytes = 2 * n_kv_heads * head_dim * dtype_bytes
+    lengths = (items.rows[:, 3] - items.rows[:, 2]).astype(np.float64)
+    rows = np.where(np.arange(len(items.rows)) < items.n_group_items, group_block_m(group),
+                    max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)))
+    return DecodeCost(
+        paged_bytes=plan.paged_tokens * token_bytes,
+        shared_bytes=plan.shared_tokens * token_bytes,
+        shared_flops=float((lengths * rows).sum()) * 4 * head_dim * n_kv_heads,
+        partial_bytes=2.0 * len(items.item_seqs) * n_heads * (head_dim + 2) * 4,
+    )
 
 
 def choose_decode_kernel(
@@ -323,15 +513,10 @@ def choose_decode_kernel(
     head_dim: int = 128,
     dtype_bytes: int = 2,
     *,
-    min_read_ratio: float | None = None,
-    min_saved_bytes: float | None = None,
+    n_heads: int = 32,
+    sms: int = 132,
 ) -> str:
-    """``"shared"`` when reading shared prefixes once saves enough for this batch (per layer), else ``"paged"``."""
+    """``"shared"`` when the cost model puts the shared kernel clearly ahead for this batch, else ``"paged"``."""
     if plan is None:
         return "paged"
-    ratio = MIN_READ_RATIO if min_read_ratio is None else min_read_ratio
-    saved = MIN_SAVED_BYTES if min_saved_bytes is None else min_saved_bytes
-    saved_bytes = 2 * (plan.paged_tokens - plan.shared_tokens) * n_kv_heads * head_dim * dtype_bytes
-    if plan.paged_tokens >= ratio * plan.shared_tokens and saved_bytes >= saved:
-        return "shared"
-    return "paged"
+    return decode_cost(plan, n_heads, n_kv_heads, head_dim, dtype_bytes, sms).pick()

@@ -34,8 +34,9 @@ examples = settings(
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 6e-3, torch.bfloat16: 4e-2}
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
-# (query heads, KV heads): plain multi-head, GQA 4:1 and 2:1, and all heads on one KV head.
-HEADS = st.sampled_from([(4, 4), (8, 2), (4, 2), (4, 1)])
+# (query heads, KV heads): plain multi-head, GQA 4:1 and 2:1, all heads on one KV head, and 7:1
+# (a group that is not a power of two, as in models with 28 query heads over 4 KV heads).
+HEADS = st.sampled_from([(4, 4), (8, 2), (4, 2), (4, 1), (7, 1)])
 HEAD_DIMS = st.sampled_from([64, 128])
 PAGES = st.sampled_from([16, 32])
 
@@ -247,16 +248,34 @@ def test_plan_drops_groups_shorter_than_asked() -> None:
 
 
 def test_choose_decode_kernel_prefers_shared_only_when_it_saves_enough_reads() -> None:
-    assert kernels.choose_decode_kernel(None, 8) == "paged"
-    # 64 sequences over a 4096-token prefix: paged decode would read the prefix 64 times.
+    # 64 sequences over a 4k prefix (8 KV heads): shared reads 1/50 of the bytes.
     big = kernels.plan_shared_prefix([list(range(256)) + [1000 + s] for s in range(64)], [4096 + 10] * 64, 16)
     assert kernels.choose_decode_kernel(big, 8) == "shared"
-    # Two sequences sharing one block out of ten: hardly any reads saved.
+    # Two sequences sharing one block of ten: nothing to save.
     small = kernels.plan_shared_prefix([[0] + list(range(10 * s + 1, 10 * s + 10)) for s in range(2)], [160] * 2, 16)
     assert kernels.choose_decode_kernel(small, 8) == "paged"
-    # A high ratio over few bytes does not pay for the extra launches.
+    # A high ratio over few bytes does not pay for the extra launch and the merge.
     tiny = kernels.plan_shared_prefix([[0, 1, 2, 3, 4 + s] for s in range(8)], [80] * 8, 16)
     assert kernels.choose_decode_kernel(tiny, 8) == "paged"
+
+
+def test_choose_decode_kernel_takes_a_few_sequences_over_a_long_prefix() -> None:
+    """Four sequences over 4k tokens with 32 KV heads read 3.3x fewer bytes shared: a win the
+    byte-ratio rule of old missed."""
+    four = kernels.plan_shared_prefix([list(range(256)) + [1000 + s, 2000 + s] for s in range(4)], [4096 + 20] * 4, 16)
+    assert kernels.choose_decode_kernel(four, 32) == "shared"
+
+
+def test_decode_cost_counts_padded_tile_rows_and_partials() -> None:
+    # 8 sequences x 4 query heads per KV head = 32 rows of a 64-row tile; 1 KV head, head_dim 128.
+    plan = kernels.plan_shared_prefix([[0, 1, 2, 3, 10 + s] for s in range(8)], [64 + 5] * 8, 16)
+    cost = kernels.decode_cost(plan, n_heads=4, n_kv_heads=1, head_dim=128, dtype_bytes=2, sms=4)
+    assert cost.paged_bytes == 8 * 69 * 2 * 128 * 2
+    assert cost.shared_bytes == (64 + 8 * 5) * 2 * 128 * 2
+    # One group item (64 rows x 64 tokens) and eight suffix items (16 rows x 5 tokens), 4 FLOPs per row, token, dim.
+    assert cost.shared_flops == (64 * 64 + 8 * 16 * 5) * 4 * 128
+    # Each sequence owns two partials (its group item's and its suffix's), written and read once.
+    assert cost.partial_bytes == 2 * 16 * 4 * (128 + 2) * 4
 
 
 # --- shared-prefix decode ---------------------------------------------------------------------
@@ -320,6 +339,39 @@ def test_shared_prefix_decode_with_many_groups_of_different_sizes_in_one_launch(
     q = pool.queries(len(context), 8, 64, torch.bfloat16)
     args = (q, pool.k, pool.v, table(tables), lens(context))
     close(kernels.shared_prefix_decode_attention(*args, plan), reference.reference_paged_decode_attention(*args))
+
+
+def test_a_static_launch_replays_plans_of_other_shapes_on_one_grid() -> None:
+    """A CUDA graph's launch: fixed capacity for 6 rows, refilled with plans of 4 and 6 sequences
+    (one group, then nested groups); padded rows read one token of their table row."""
+    import kernels.shared_prefix as sp
+
+    pool = Pool(96, 16, 2, 64, torch.bfloat16, seed=9)
+    launch = sp.SharedPrefixLaunch.static(torch.device(DEVICE), 6, queries_per_kv=4, n_kv_heads=2)
+    system, doc = pool.blocks(3), pool.blocks(2)
+    batches = [
+        [system + pool.blocks(1) for _ in range(4)],
+        [system + pool.blocks(2) for _ in range(2)] + [system + doc + pool.blocks(1) for _ in range(4)],
+    ]
+    q_all = pool.queries(6, 8, 64, torch.bfloat16)
+    for tables in batches:
+        context = [16 * (len(t) - 1) + 3 + i for i, t in enumerate(tables)]
+        plan = kernels.plan_shared_prefix(tables, context, 16)
+        assert launch.fill(plan)
+        n = len(tables)
+        padded = table(tables + [[0]] * (6 - n))
+        out = kernels.shared_prefix_decode_attention(q_all, pool.k, pool.v, padded, lens(context + [1] * (6 - n)), launch)
+        assert torch.isfinite(out.float()).all()
+        args = (q_all[:n], pool.k, pool.v, table(tables), lens(context))
+        close(out[:n], reference.reference_paged_decode_attention(*args))
+
+
+def test_a_static_launch_refuses_a_plan_over_more_rows_than_it_has() -> None:
+    import kernels.shared_prefix as sp
+
+    launch = sp.SharedPrefixLaunch.static(torch.device(DEVICE), 2, queries_per_kv=4, n_kv_heads=2)
+    plan = kernels.plan_shared_prefix([[0, 1, 5], [0, 1, 6], [0, 1, 7]], [40, 40, 40], 16)
+    assert launch.fill(plan) is False
 
 
 # --- paged prefill ----------------------------------------------------------------------------

@@ -5,6 +5,11 @@ a captured graph issues them all at once, so batch-1 decode approaches the time
 it takes to read the weights. Inputs go through static buffers; a batch is
 padded up to its bucket with rows that write nowhere (slot -1) and attend to one
 token of block 0, and their logits are dropped.
+
+Batches whose sequences share prefixes get a second graph per bucket (from 2 up), captured over
+a static shared-prefix launch (``kernels.SharedPrefixLaunch.static``): each step loads its plan's
+items into that launch's buffer and replays, so a shared step costs the host no more than a
+plain one plus its plan. A plan the launch cannot hold runs eagerly.
 """
 
 from __future__ import annotations
@@ -45,11 +50,16 @@ class DecodeGraphs:
         self.host_rows = self.host_tables.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # Shared-prefix graphs and their static launches, per bucket of 2 or more rows.
+        self.shared_sizes = [b for b in self.sizes if b >= 2] if engine.uses_shared_kernel else []
+        self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.shared_outputs: dict[int, torch.Tensor] = {}
+        self.launches = {}
         self.pool = None  # the graphs' shared memory pool
         self.captured = False
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
+    def _meta(self, b: int, shared: bool = False) -> AttentionMetadata:
+        meta = AttentionMetadata(
             slot_mapping=self.slots[:b],
             num_decode=b,
             decode_block_tables=self.tables[:b],
@@ -58,11 +68,20 @@ class DecodeGraphs:
             prefill_query_start_loc=None,
             prefill_context_lens=None,
         )
+        meta.shared_plan = self.launches[b] if shared else None
+        return meta
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so smaller ones reuse its memory."""
+        import kernels
+
         model, attention = self.engine.model, self.engine.attention
+        mc = model.config
+        for b in self.shared_sizes:
+            self.launches[b] = kernels.SharedPrefixLaunch.static(
+                self.engine.device, b, mc.n_heads // mc.n_kv_heads, mc.n_kv_heads
+            )
         self.slots.fill_(-1)
         self.lens.fill_(1)
         self.tables.zero_()
@@ -78,16 +97,29 @@ class DecodeGraphs:
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[b] = graph
+                if b in self.launches:
+                    model(self.tokens[:b], self.positions[:b], attention, self._meta(b, shared=True))
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                        self.shared_outputs[b] = model(
+                            self.tokens[:b], self.positions[:b], attention, self._meta(b, shared=True)
+                        )
+                    self.shared_graphs[b] = graph
         torch.cuda.current_stream(self.engine.device).wait_stream(stream)
         torch.cuda.synchronize(self.engine.device)
         self.captured = True
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], seqs, block_size: int) -> torch.Tensor:
-        """Logits [len(seqs), vocab] of one decode token per sequence."""
+    def run(
+        self, tokens: list[int], positions: list[int], slots: list[int], seqs, block_size: int, plan=None
+    ) -> torch.Tensor | None:
+        """Logits [len(seqs), vocab] of one decode token per sequence; with a shared-prefix
+        ``plan``, None when no captured launch can hold it (the caller runs the step eagerly)."""
         if not self.captured:
             self.capture()
         b = len(seqs)
         size = next(s for s in self.sizes if s >= b)
+        if plan is not None and (size not in self.launches or not self.launches[size].fill(plan)):
+            return None
         # The pinned buffer is rewritten while the previous step's copy from it might be in
         # flight; that cannot happen here, because every step ends by reading its sampled
         # tokens back to the host, which waits for the stream.
@@ -102,5 +134,8 @@ class DecodeGraphs:
         self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
         self.lens[:size].copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32), non_blocking=True)
         self.tables[:size].copy_(host[:size], non_blocking=True)
+        if plan is not None:
+            self.shared_graphs[size].replay()
+            return self.shared_outputs[size][:b]
         self.graphs[size].replay()
         return self.outputs[size][:b]

@@ -217,11 +217,17 @@ class Engine:
         self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
         self.grammars = Grammars(tokenizer, mc.vocab_size)
         self.stats = {"steps": 0, "preemptions": 0, "forward_tokens": 0}
+        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
+
+    @property
+    def uses_shared_kernel(self) -> bool:
+        """Whether decode steps may read shared prefixes once (``shared_prefix_kernel`` not off, Triton on)."""
+        return self.config.shared_prefix_kernel is not False and self.attention.use_triton
 
     def warmup(self) -> None:
         """Compile kernels and capture decode graphs now rather than on the first request.
@@ -794,11 +800,12 @@ class Engine:
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
         plan = None
-        if decode and self.config.shared_prefix_kernel is not False and self.attention.use_triton:
+        if decode and self.uses_shared_kernel:
             plan = self._shared_plan([s for s, _ in decode])
-        if self.graphs is not None and not prefill and plan is None:
-            logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size)
-            return logits, sampling
+        if self.graphs is not None and not prefill:
+            logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size, plan)
+            if logits is not None:
+                return logits, sampling
 
         def tables(seqs):
             width = max(len(s.blocks) for s in seqs)
@@ -844,10 +851,10 @@ class Engine:
         if plan is None or self.config.shared_prefix_kernel:
             return plan
         mc = self.model.config
-        itemsize = self.pool.k.element_size()
-        if kernels.choose_decode_kernel(plan, mc.n_kv_heads, mc.head_dim, itemsize) != "shared":
-            return None
-        return plan
+        choice = kernels.choose_decode_kernel(
+            plan, mc.n_kv_heads, mc.head_dim, self.pool.k.element_size(), n_heads=mc.n_heads, sms=self._sms
+        )
+        return plan if choice == "shared" else None
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], events: list[Event]) -> list[int | None]:
         """Next token per sequence (greedy rows batched); a sequence whose sampling fails
