@@ -99,10 +99,11 @@ class SharedPrefixPlan:
 
 
 def plan_shared_prefix(
-    block_tables: list[list[int]], context_lens: list[int], block_size: int, min_shared_tokens: int = 1
+    block_tables: list[list[int]] | np.ndarray, context_lens: list[int], block_size: int, min_shared_tokens: int = 1
 ) -> SharedPrefixPlan | None:
     """Find the prefixes a decode batch shares, or None when it shares none.
 
+    ``block_tables``: one list of block ids per sequence, or a 2-D array of them (rows padded).
     Only full blocks count (``context_lens[s] // block_size`` of them): the engine copies a partial
     last block per sequence, so identical ids there would not mean identical KV. Groups shorter
     than ``min_shared_tokens`` are dropped (their sequences read those tokens as suffix).
@@ -110,15 +111,23 @@ def plan_shared_prefix(
     n_seqs = len(context_lens)
     if n_seqs < 2:
         return None
-    full = [min(n // block_size, len(t)) for n, t in zip(context_lens, block_tables)]
+    widths = [len(t) for t in block_tables] if isinstance(block_tables, list) else [block_tables.shape[1]] * n_seqs
+    full = [min(n // block_size, w) for n, w in zip(context_lens, widths)]
     width = max(full)
     if width == 0:
         return None
     # Block ids as a matrix; past a sequence's full blocks every entry is its own negative mark, so
     # no two sequences match there (and the last column always differs).
-    ids = np.repeat(-1 - np.arange(n_seqs, dtype=np.int64)[:, None], width + 1, axis=1)
-    for s, (row, n) in enumerate(zip(block_tables, full)):
-        ids[s, :n] = row[:n]
+    marks = -1 - np.arange(n_seqs, dtype=np.int64)[:, None]
+    if isinstance(block_tables, list):
+        ids = np.repeat(marks, width + 1, axis=1)
+        for s, (row, n) in enumerate(zip(block_tables, full)):
+            ids[s, :n] = row[:n]
+    else:
+        past = np.arange(width + 1)[None, :] >= np.asarray(full)[:, None]
+        ids = np.zeros((n_seqs, width + 1), dtype=np.int64)
+        ids[:, :width] = block_tables[:, :width]
+        ids = np.where(past, marks, ids)
     suffix_start = [0] * n_seqs
     groups: list[PrefixGroup] = []
     # Depth-first over trie nodes where the set of sequences changes; each stack entry is a set of

@@ -425,3 +425,17 @@ def test_paged_decode_replays_in_a_cuda_graph_with_new_lengths() -> None:
         context.copy_(lens(new))
         graph.replay()
         close(out, reference.reference_paged_decode_attention(q, pool.k, pool.v, tables, context))
+
+
+def test_plan_from_an_array_of_padded_tables_equals_the_plan_from_lists() -> None:
+    import numpy as np
+
+    tables = [[0, 1, 2, 9], [0, 1, 3], [0, 1, 2, 8, 7], [5, 6]]
+    context = [60, 40, 75, 20]
+    padded = np.zeros((4, 6), dtype=np.int32)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    from_lists = kernels.plan_shared_prefix(tables, context, 16)
+    from_array = kernels.plan_shared_prefix(padded, context, 16)
+    assert from_lists.groups == from_array.groups and from_lists.suffix_start == from_array.suffix_start
+    assert [(g.seqs, g.start, g.end) for g in from_lists.groups] == [((0, 1, 2), 0, 32), ((0, 2), 32, 48)]

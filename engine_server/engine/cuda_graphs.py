@@ -55,6 +55,7 @@ class DecodeGraphs:
         self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.shared_outputs: dict[int, torch.Tensor] = {}
         self.launches = {}
+        self._staged = 0  # rows of the batch `stage` wrote for the next `run`
         self.pool = None  # the graphs' shared memory pool
         self.captured = False
 
@@ -109,6 +110,22 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.engine.device)
         self.captured = True
 
+    def stage(self, seqs):
+        """Write the batch's block tables to the pinned host buffer; returns them as a numpy view
+        ``[len(seqs), width]`` (rows zero past each table), which the shared-prefix planner reads
+        too. The next ``run`` of this batch copies them without writing them again."""
+        # The pinned buffer is rewritten while the previous step's copy from it might be in
+        # flight; that cannot happen here, because every step ends by reading its sampled
+        # tokens back to the host, which waits for the stream.
+        b = len(seqs)
+        size = next(s for s in self.sizes if s >= b)
+        rows = self.host_rows  # a numpy view of the pinned buffer: row writes without tensor objects
+        rows[:size] = 0
+        for i, seq in enumerate(seqs):
+            rows[i, : len(seq.blocks)] = seq.blocks
+        self._staged = b
+        return rows[:b]
+
     def run(
         self, tokens: list[int], positions: list[int], slots: list[int], seqs, block_size: int, plan=None
     ) -> torch.Tensor | None:
@@ -120,14 +137,10 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= b)
         if plan is not None and (size not in self.launches or not self.launches[size].fill(plan)):
             return None
-        # The pinned buffer is rewritten while the previous step's copy from it might be in
-        # flight; that cannot happen here, because every step ends by reading its sampled
-        # tokens back to the host, which waits for the stream.
+        if self._staged != b:
+            self.stage(seqs)
+        self._staged = 0
         host = self.host_tables
-        rows = self.host_rows  # a numpy view of the pinned buffer: row writes without tensor objects
-        rows[:size] = 0
-        for i, seq in enumerate(seqs):
-            rows[i, : len(seq.blocks)] = seq.blocks
         pad = size - b
         self.tokens[:size].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)

@@ -800,8 +800,11 @@ class Engine:
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
         plan = None
+        staged = None
+        if self.graphs is not None and not prefill:
+            staged = self.graphs.stage([s for s, _ in decode])  # the planner reads the same host rows
         if decode and self.uses_shared_kernel:
-            plan = self._shared_plan([s for s, _ in decode])
+            plan = self._shared_plan([s for s, _ in decode], staged)
         if self.graphs is not None and not prefill:
             logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size, plan)
             if logits is not None:
@@ -838,7 +841,9 @@ class Engine:
         )
         return logits, sampling
 
-    def _shared_plan(self, seqs: list[_Sequence]):
+    def _shared_plan(self, seqs: list[_Sequence], tables=None):
+        """The batch's shared-prefix plan when the shared kernel should run it, else None.
+        ``tables``: the block tables already as a numpy array (the graphs' staged rows), if any."""
         bs = self.pool.block_size
         first = [s.blocks[0] for s in seqs if s.num_computed + 1 >= bs]  # only full blocks are shared
         if len(set(first)) == len(first):
@@ -846,7 +851,7 @@ class Engine:
         import kernels
 
         plan = kernels.plan_shared_prefix(
-            [s.blocks for s in seqs], [s.num_computed + 1 for s in seqs], self.pool.block_size
+            [s.blocks for s in seqs] if tables is None else tables, [s.num_computed + 1 for s in seqs], bs
         )
         if plan is None or self.config.shared_prefix_kernel:
             return plan
