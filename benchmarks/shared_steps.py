@@ -47,8 +47,8 @@ class Side:
         self.picked = 0
         planner = self.engine._shared_plan
 
-        def counting(seqs):
-            plan = planner(seqs)
+        def counting(seqs, tables=None):
+            plan = planner(seqs, tables)
             self.picked += plan is not None
             return plan
 
