@@ -198,6 +198,14 @@ def fork_bench(model, cfg, rows: list, context: int, n_seqs: int, decode_steps: 
         release(engine)
 
 
+def write_report(text: str, path: str) -> None:
+    """Print the report and write it to ``path`` (its folder made if missing)."""
+    print(text)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/engine_bench.md")
@@ -271,11 +279,7 @@ def main() -> int:
         *[f"| {n} | {r} | {g:.2f} | {a:.2f} | {tps:.0f} | {ms:.2f} |" for n, r, g, a, tps, ms in shared_rows],
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report("\n".join(lines), args.out)
     return 0
 
 

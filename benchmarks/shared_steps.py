@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import IdTokenizer, gen, prompt, release, time_steps  # noqa: E402
+from engine_bench import IdTokenizer, gen, prompt, release, time_steps, write_report  # noqa: E402
 
 from engine_server.engine.engine import Engine, EngineConfig, TextSegment  # noqa: E402
 from engine_server.engine.model import ModelConfig, build_random_model, llama2_7b_config  # noqa: E402
@@ -111,11 +111,7 @@ def main() -> int:
                          f"| {on / off:.2f}x | {choice / max(on, off):.2f}x |")
         del model
         torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
     return 0
 
 
