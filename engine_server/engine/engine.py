@@ -16,6 +16,7 @@ freed and it is recomputed later from its tokens, so nothing is lost.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -148,6 +149,36 @@ class _Output:
         return n
 
 
+_versions = itertools.count(1)
+
+
+class BlockList(list):
+    """A sequence's block ids. ``version`` takes a new number (from one counter, so no two lists
+    share one) at every change, which lets the decode graphs restage only the rows that changed."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.version = next(_versions)
+
+
+def _bumps(name: str):
+    method = getattr(list, name)
+
+    def changed(self, *args):
+        self.version = next(_versions)
+        return method(self, *args)
+
+    changed.__name__ = name
+    return changed
+
+
+for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+              "__setitem__", "__delitem__", "__iadd__", "__imul__"):  # fmt: skip
+    setattr(BlockList, _name, _bumps(_name))
+
+
 class _Sequence:
     """One request's state in the engine."""
 
@@ -160,7 +191,7 @@ class _Sequence:
         self.first_token: float | None = None
         self.tokens: list[int] = []
         self.num_computed = 0  # tokens whose K/V are in this sequence's blocks
-        self.blocks: list[int] = []
+        self.blocks = BlockList()
         self.next_segment = 0
         self.output: _Output | None = None
         self.boundaries: list[tuple[str, int]] = []  # keyed prompt boundaries before the first output
@@ -188,6 +219,15 @@ class _Sequence:
     def pending(self) -> int:
         """Tokens not yet through the model."""
         return len(self.tokens) - self.num_computed
+
+    @property
+    def blocks(self) -> BlockList:
+        """The KV block ids of this sequence's positions, in order."""
+        return self._blocks
+
+    @blocks.setter
+    def blocks(self, value) -> None:
+        self._blocks = value if isinstance(value, BlockList) else BlockList(value)
 
 
 class Engine:
