@@ -180,15 +180,21 @@ class _Items:
         return int(np.diff(self.slot_offsets).max())
 
 
+def _chunk_size(plan: SharedPrefixPlan, seqs_per_tile: int, n_kv_heads: int, sms: int) -> int:
+    """Tokens per item: long ranges are split so that the launch has about ``PROGRAMS_PER_SM``
+    programs per SM (never below ``MIN_CHUNK``)."""
+    work = sum(-(-len(g.seqs) // seqs_per_tile) * (g.end - g.start) for g in plan.groups)
+    work += sum(n - a for a, n in zip(plan.suffix_start, plan.context_lens) if n > a)
+    target = max(1, PROGRAMS_PER_SM * sms // n_kv_heads)
+    return max(MIN_CHUNK, triton.cdiv(triton.cdiv(work, target), GROUP_BLOCK_N) * GROUP_BLOCK_N)
+
+
 def _items(plan: SharedPrefixPlan, queries_per_kv: int, n_kv_heads: int, sms: int) -> _Items:
     seqs_per_tile = max(1, group_block_m(queries_per_kv) // queries_per_kv)
     suffixes = [(s, a, n) for s, (a, n) in enumerate(zip(plan.suffix_start, plan.context_lens)) if n > a]
-    # Split long ranges so that the launch has enough programs; a tile's chunks of one group are
-    # neighbours in the grid, so tiles of the same chunk run together and share it through L2.
-    work = sum(-(-len(g.seqs) // seqs_per_tile) * (g.end - g.start) for g in plan.groups)
-    work += sum(n - a for _, a, n in suffixes)
-    target = max(1, PROGRAMS_PER_SM * sms // n_kv_heads)
-    chunk = max(MIN_CHUNK, triton.cdiv(triton.cdiv(work, target), GROUP_BLOCK_N) * GROUP_BLOCK_N)
+    # A tile's chunks of one group are neighbours in the grid, so tiles of the same chunk run
+    # together and share it through L2.
+    chunk = _chunk_size(plan, seqs_per_tile, n_kv_heads, sms)
     rows: list[tuple[int, int, int, int, int]] = []
     parts: list[np.ndarray] = []
     offset = 0
@@ -501,18 +507,30 @@ class DecodeCost:
 def decode_cost(
     plan: SharedPrefixPlan, n_heads: int, n_kv_heads: int, head_dim: int = 128, dtype_bytes: int = 2, sms: int = 132
 ) -> DecodeCost:
-    """Bytes and FLOPs of one layer's decode attention over ``plan``'s batch, per kernel."""
+    """Bytes and FLOPs of one layer's decode attention over ``plan``'s batch, per kernel.
+
+    Counted in closed form over the groups and suffixes (the items ``_items`` would build, without
+    building them: the engine asks every step)."""
     group = n_heads // n_kv_heads
-    items = _items(plan, group, n_kv_heads, sms)
+    group_m = group_block_m(group)
+    seqs_per_tile = max(1, group_m // group)
+    chunk = _chunk_size(plan, seqs_per_tile, n_kv_heads, sms)
+    tile_tokens = suffix_tokens = slots = 0  # tokens x tiles of group items; tokens of suffixes; partials
+    for g in plan.groups:
+        length = g.end - g.start
+        tile_tokens += -(-len(g.seqs) // seqs_per_tile) * length
+        slots += len(g.seqs) * -(-length // chunk)  # each sequence of the group, once per chunk
+    for a, n in zip(plan.suffix_start, plan.context_lens):
+        if n > a:
+            suffix_tokens += n - a
+            slots += -(-(n - a) // chunk)
+    suffix_m = max(SUFFIX_BLOCK_M, triton.next_power_of_2(group))
     token_bytes = 2 * n_kv_heads * head_dim * dtype_bytes
-    lengths = (items.rows[:, 3] - items.rows[:, 2]).astype(np.float64)
-    rows = np.where(np.arange(len(items.rows)) < items.n_group_items, group_block_m(group),
-                    max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)))
     return DecodeCost(
         paged_bytes=plan.paged_tokens * token_bytes,
         shared_bytes=plan.shared_tokens * token_bytes,
-        shared_flops=float((lengths * rows).sum()) * 4 * head_dim * n_kv_heads,
-        partial_bytes=2.0 * len(items.item_seqs) * n_heads * (head_dim + 2) * 4,
+        shared_flops=float(group_m * tile_tokens + suffix_m * suffix_tokens) * 4 * head_dim * n_kv_heads,
+        partial_bytes=2.0 * slots * n_heads * (head_dim + 2) * 4,
     )
 
 

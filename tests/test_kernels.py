@@ -341,6 +341,30 @@ def test_shared_prefix_decode_with_many_groups_of_different_sizes_in_one_launch(
     close(kernels.shared_prefix_decode_attention(*args, plan), reference.reference_paged_decode_attention(*args))
 
 
+@examples
+@given(batch=forked_batches(), heads=HEADS, sms=st.sampled_from([4, 132]))
+def test_decode_cost_counts_what_the_launch_builds(batch, heads, sms) -> None:
+    """The cost model's closed form equals the FLOPs and partials of the items a launch holds."""
+    import kernels.shared_prefix as sp
+
+    page, context, shared_with = batch
+    n_heads, n_kv = heads
+    tables: list[list[int]] = []
+    fresh = iter(range(1000, 10**6))
+    for n, (parent, keep) in zip(context, shared_with):
+        inherited = tables[parent][:keep] if parent is not None else []
+        tables.append(inherited + [next(fresh) for _ in range(math.ceil(n / page) - keep)])
+    plan = kernels.plan_shared_prefix(tables, context, page)
+    group = n_heads // n_kv
+    items = sp._items(plan, group, n_kv, sms)
+    rows = [sp.group_block_m(group) if i < items.n_group_items else max(16, 1 << (group - 1).bit_length())
+            for i in range(len(items.rows))]
+    flops = sum(r * int(hi - lo) for r, (_, _, lo, hi, _) in zip(rows, items.rows.tolist())) * 4 * 64 * n_kv
+    cost = kernels.decode_cost(plan, n_heads, n_kv, head_dim=64, dtype_bytes=2, sms=sms)
+    assert cost.shared_flops == flops
+    assert cost.partial_bytes == 2 * len(items.item_seqs) * n_heads * (64 + 2) * 4
+
+
 def test_a_static_launch_replays_plans_of_other_shapes_on_one_grid() -> None:
     """A CUDA graph's launch: fixed capacity for 6 rows, refilled with plans of 4 and 6 sequences
     (one group, then nested groups); padded rows read one token of their table row."""
