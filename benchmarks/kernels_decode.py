@@ -26,6 +26,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels  # noqa: E402
+from kernels.paged_decode import multiprocessors  # noqa: E402
 
 PAGE = 16
 HEADS = 32
@@ -129,7 +130,8 @@ def run_case(name: str, groups, suffix: int, n_kv: int, gen: torch.Generator) ->
     paged_out = kernels.paged_decode_attention(*args)
     shared_out = kernels.shared_prefix_decode_attention(*args, plan)
     error = (paged_out.float() - shared_out.float()).abs().max().item()
-    cost = kernels.decode_cost(b.plan, HEADS, n_kv, DIM, 2, torch.cuda.get_device_properties(0).multi_processor_count)
+    sms = multiprocessors(torch.device("cuda", 0))
+    cost = kernels.decode_cost(plan, HEADS, n_kv, DIM, 2, sms)
     # The least time any kernel could take: the must-read bytes at HBM peak, or the tensor-core
     # work every (sequence, query head) row needs over its own context at peak, whichever is more.
     flops = 4 * HEADS * DIM * b.plan.paged_tokens
@@ -144,8 +146,7 @@ def run_case(name: str, groups, suffix: int, n_kv: int, gen: torch.Generator) ->
         "paged_eager_us": bench(lambda: kernels.paged_decode_attention(*args)),
         "shared_eager_us": bench(lambda: kernels.shared_prefix_decode_attention(*args, plan)),
         "cost": cost,
-        "choice": kernels.choose_decode_kernel(b.plan, n_kv, DIM, 2, n_heads=HEADS,
-                                               sms=torch.cuda.get_device_properties(0).multi_processor_count),
+        "choice": kernels.choose_decode_kernel(plan, n_kv, DIM, 2, n_heads=HEADS, sms=sms),
         "max_diff": error,
     }
     naive_bytes = cost.paged_bytes

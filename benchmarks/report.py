@@ -132,6 +132,13 @@ def goals(runs: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_output_length(runs: dict[str, dict[str, dict]], out: Path) -> Path | None:
     panels = [(n, s, d) for n in ("chain_summary", "map_reduce") for s, d in sorted(runs.get(n, {}).items())]
     if not panels:
@@ -150,11 +157,7 @@ def plot_output_length(runs: dict[str, dict[str, dict]], out: Path) -> Path | No
         ax.set_ylabel("end-to-end latency (s)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "workloads_latency_vs_output.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "workloads_latency_vs_output.png")
 
 
 def plot_rate(runs: dict[str, dict[str, dict]], out: Path) -> Path | None:
@@ -177,11 +180,7 @@ def plot_rate(runs: dict[str, dict[str, dict]], out: Path) -> Path | None:
         ax.set_ylabel("mean latency per output token (ms)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "workloads_latency_vs_rate.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "workloads_latency_vs_rate.png")
 
 
 def render(runs: dict[str, dict[str, dict]], out: Path) -> str:

@@ -118,16 +118,14 @@ def plan_shared_prefix(
         return None
     # Block ids as a matrix; past a sequence's full blocks every entry is its own negative mark, so
     # no two sequences match there (and the last column always differs).
-    marks = -1 - np.arange(n_seqs, dtype=np.int64)[:, None]
+    ids = np.zeros((n_seqs, width + 1), dtype=np.int64)
     if isinstance(block_tables, list):
-        ids = np.repeat(marks, width + 1, axis=1)
         for s, (row, n) in enumerate(zip(block_tables, full)):
             ids[s, :n] = row[:n]
     else:
-        past = np.arange(width + 1)[None, :] >= np.asarray(full)[:, None]
-        ids = np.zeros((n_seqs, width + 1), dtype=np.int64)
         ids[:, :width] = block_tables[:, :width]
-        ids = np.where(past, marks, ids)
+    past = np.arange(width + 1)[None, :] >= np.asarray(full)[:, None]
+    ids = np.where(past, -1 - np.arange(n_seqs, dtype=np.int64)[:, None], ids)
     suffix_start = [0] * n_seqs
     groups: list[PrefixGroup] = []
     # Depth-first over trie nodes where the set of sequences changes; each stack entry is a set of

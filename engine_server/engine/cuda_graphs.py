@@ -83,7 +83,6 @@ class DecodeGraphs:
         self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.shared_outputs: dict[int, torch.Tensor] = {}
         self.launches = {}
-        self._staged = 0  # rows of the batch `stage` wrote for the next `run`
         self.pool = None  # the graphs' shared memory pool
         self.captured = False
 
@@ -138,33 +137,30 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.engine.device)
         self.captured = True
 
+    def bucket(self, b: int) -> int:
+        """The captured batch size a batch of ``b`` rows runs as."""
+        return next(s for s in self.sizes if s >= b)
+
     def stage(self, seqs):
-        """Write the batch's block tables to the pinned host buffer; returns them as a numpy view
-        ``[len(seqs), width]`` (rows zero past each table), which the shared-prefix planner reads
-        too. The next ``run`` of this batch copies them without writing them again."""
+        """Write the batch's block tables to the pinned host buffer, for the next ``run``; returns
+        them as a numpy view ``[len(seqs), width]`` (rows zero past each table), which the
+        shared-prefix planner reads too."""
         # The pinned buffer is rewritten while the previous step's copy from it might be in
         # flight; that cannot happen here, because every step ends by reading its sampled
         # tokens back to the host, which waits for the stream.
-        b = len(seqs)
-        size = next(s for s in self.sizes if s >= b)
-        self.staged_rows.write(seqs, size)
-        self._staged = b
-        return self.host_rows[:b]
+        self.staged_rows.write(seqs, self.bucket(len(seqs)))
+        return self.host_rows[: len(seqs)]
 
-    def run(
-        self, tokens: list[int], positions: list[int], slots: list[int], seqs, block_size: int, plan=None
-    ) -> torch.Tensor | None:
-        """Logits [len(seqs), vocab] of one decode token per sequence; with a shared-prefix
-        ``plan``, None when no captured launch can hold it (the caller runs the step eagerly)."""
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], plan=None) -> torch.Tensor | None:
+        """Logits [len(tokens), vocab] of one decode token per sequence of the batch last given to
+        ``stage``; with a shared-prefix ``plan``, None when no captured launch can hold it (the
+        caller runs the step eagerly)."""
         if not self.captured:
             self.capture()
-        b = len(seqs)
-        size = next(s for s in self.sizes if s >= b)
+        b = len(tokens)
+        size = self.bucket(b)
         if plan is not None and (size not in self.launches or not self.launches[size].fill(plan)):
             return None
-        if self._staged != b:
-            self.stage(seqs)
-        self._staged = 0
         host = self.host_tables
         pad = size - b
         self.tokens[:size].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)

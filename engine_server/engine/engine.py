@@ -257,7 +257,6 @@ class Engine:
         self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
         self.grammars = Grammars(tokenizer, mc.vocab_size)
         self.stats = {"steps": 0, "preemptions": 0, "forward_tokens": 0}
-        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -840,13 +839,12 @@ class Engine:
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
         plan = None
-        staged = None
-        if self.graphs is not None and not prefill:
-            staged = self.graphs.stage([s for s, _ in decode])  # the planner reads the same host rows
+        graphed = self.graphs is not None and not prefill
+        staged = self.graphs.stage([s for s, _ in decode]) if graphed else None  # the planner reads these rows too
         if decode and self.uses_shared_kernel:
             plan = self._shared_plan([s for s, _ in decode], staged)
-        if self.graphs is not None and not prefill:
-            logits = self.graphs.run(tokens, positions, slots, [s for s, _ in decode], self.pool.block_size, plan)
+        if graphed:
+            logits = self.graphs.run(tokens, positions, slots, plan)
             if logits is not None:
                 return logits, sampling
 
@@ -889,6 +887,7 @@ class Engine:
         if len(set(first)) == len(first):
             return None  # no two sequences share even their first block: skip the planner
         import kernels
+        from kernels.paged_decode import multiprocessors
 
         plan = kernels.plan_shared_prefix(
             [s.blocks for s in seqs] if tables is None else tables, [s.num_computed + 1 for s in seqs], bs
@@ -897,7 +896,7 @@ class Engine:
             return plan
         mc = self.model.config
         choice = kernels.choose_decode_kernel(
-            plan, mc.n_kv_heads, mc.head_dim, self.pool.k.element_size(), n_heads=mc.n_heads, sms=self._sms
+            plan, mc.n_kv_heads, mc.head_dim, self.pool.k.element_size(), n_heads=mc.n_heads, sms=multiprocessors(self.device)
         )
         return plan if choice == "shared" else None
 
