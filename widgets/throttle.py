@@ -42,12 +42,11 @@ class Throttle:
     def _run(self) -> None:
         with self._flushing:  # one flush at a time, even if the last one ran long (a large layout)
             with self._lock:
+                # The interval counts from this flush's start: a poke while it runs (the change may
+                # be after what it reads) schedules the next one an interval on, not at once.
                 self._timer = None
-            try:
-                self._context.copy().run(self._flush)
-            finally:
-                with self._lock:
-                    self._last = time.monotonic()
+                self._last = time.monotonic()
+            self._context.copy().run(self._flush)
 
     def cancel(self) -> None:
         with self._lock:
