@@ -12,7 +12,7 @@ from pathlib import Path
 from engine_server.gguf_file import GGUFError
 from engine_server.keys import KeysError
 from engine_server.models import DEFAULT_MODEL, ModelNotFoundError
-from engine_server.server import LOOPBACK, EngineServer, ServerConfig, visible_gpus
+from engine_server.server import LOOPBACK, EngineServer, ServerConfig, default_engines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine_url:
         args.engines = len(args.engine_url)
     if args.engines is None:
-        # One engine per visible GPU; with none, one engine that says why it cannot start.
-        args.engines = max(len(visible_gpus()), 1) if args.device == "cuda" else 1
+        args.engines = default_engines(args.device)
     if args.engines < 1:
         print("parrot-nb serve: --engines must be at least 1", file=sys.stderr)
         return 2

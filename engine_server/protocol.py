@@ -294,6 +294,7 @@ class EngineInfo:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     cached_keys: int = 0
+    gpu: str = ""  # the GPU it is pinned to, as the server's CUDA_VISIBLE_DEVICES names it (cuda only)
 
 
 @dataclass

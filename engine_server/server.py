@@ -187,6 +187,7 @@ class EngineProcess:
     detail: str = ""  # why it is dead, once it is
     model: str = ""  # what it serves and where, from its WorkerHello (an outside server's own model and URL)
     device: str = ""
+    gpu: str = ""  # the GPU it is pinned to (its CUDA_VISIBLE_DEVICES), with --device cuda
 
 
 class EngineServer:
@@ -316,7 +317,7 @@ class EngineServer:
         info = self.bind()
         for i in range(len(self.config.engine_urls) or self.config.engines):
             self.scheduler.add_engine(i, self.config.engine_capacity or 1)
-            self.engines[i] = EngineProcess(i, self._spawn_engine(i))
+            self.engines[i] = EngineProcess(i, self._spawn_engine(i), gpu=self._gpu_of(i) or "")
         log.info("parrot-nb engine server %s: requests %s, events %s", __version__, info.requests, info.events)
         if self.curve_keys is not None:
             log.info("traffic is encrypted with CurveZMQ (server public key %s)", info.curve_server_key)
@@ -580,7 +581,7 @@ class EngineServer:
                 EngineInfo(
                     p.engine_id, p.popen.pid, p.model or self.model.name, p.device or self.config.device, p.state, len(slot.running),
                     slot.finished, slot.capacity, slot.engine_waiting, slot.kv_blocks_used, slot.kv_blocks_total,
-                    slot.cached_keys,
+                    slot.cached_keys, p.gpu,
                 )  # fmt: skip
             )
         apps = [
@@ -702,13 +703,20 @@ class EngineServer:
             return subprocess.Popen(cmd, env=env)
         for name, value in sorted(self.config.engine_options.items()):
             cmd += [f"--{name.replace('_', '-')}", value]
-        if self.config.device == "cuda":
-            # One engine per GPU, round robin when there are more engines than GPUs (for testing).
-            # With none visible (CUDA_VISIBLE_DEVICES set empty) the engine sees none either, and
-            # its start fails saying so, rather than taking a GPU the user hid.
-            gpus = visible_gpus()
-            env["CUDA_VISIBLE_DEVICES"] = gpus[engine_id % len(gpus)] if gpus else ""
+        gpu = self._gpu_of(engine_id)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         return subprocess.Popen(cmd, env=env)
+
+    def _gpu_of(self, engine_id: int) -> str | None:
+        """The one GPU an engine sees with --device cuda (None on cpu): one engine per GPU, round
+        robin when there are more engines than GPUs. With none visible (CUDA_VISIBLE_DEVICES set
+        empty) the engine sees none either, and its start fails saying so, rather than taking a GPU
+        the user hid."""
+        if self.config.device != "cuda" or self.config.engine_urls:
+            return None
+        gpus = visible_gpus()
+        return gpus[engine_id % len(gpus)] if gpus else ""
 
     def _receive(self, frames: list[bytes], socket_name: str) -> tuple[bytes, Message] | None:
         """A worker's message and who sent it; None (logged) when it does not decode or is a replay."""
@@ -821,6 +829,13 @@ def is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
+
+
+def default_engines(device: str) -> int:
+    """How many engines a server starts when not told: one per visible GPU on cuda (with none
+    visible, one, which says why it cannot start), one on cpu. `parrot-nb serve`, `%parrot start`
+    and `parrot-nb run` all leave the count to this rule."""
+    return max(len(visible_gpus()), 1) if device == "cuda" else 1
 
 
 def visible_gpus() -> list[str]:

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     server = p.add_mutually_exclusive_group()
     server.add_argument("--server", metavar="CONNECTION_FILE", help="use this running engine server")
     server.add_argument("--model", help="start an engine server with this model for the run (smollm2, tiny, FILE.gguf, DIR)")
-    p.add_argument("--engines", type=int, default=None, help="engines of the server started for the run (default 1)")
+    p.add_argument(
+        "--engines", type=int, default=None,
+        help="engines of the server started for the run (default: one per visible GPU with --device cuda, one on cpu)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the server started for the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -130,7 +133,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.server:
             session.connect(args.server)
         elif args.model or args.engines:
-            session.start(model=args.model or DEFAULT_MODEL, engines=args.engines or 1, device=args.device)
+            session.start(model=args.model or DEFAULT_MODEL, engines=args.engines, device=args.device)
             started = True
         loaded = pipeline.load(args.pipeline, params)
         if session.current_client() is None:

@@ -81,7 +81,7 @@ def _build_start_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--engines", type=int, default=1)
+    parser.add_argument("--engines", type=int, default=None)  # the server's rule: one per visible GPU on cuda
     parser.add_argument("--ip", default=None)
     # The engine sizing flags, named as parrot_nb.session.ENGINE_SIZING names them.
     parser.add_argument("--max-running", type=int, default=None)

@@ -18,8 +18,10 @@ PARROT_USAGE = """\
 %parrot start [--model smollm2|tiny|FILE.gguf|DIR] [--device cpu|cuda] [--port P] [--engines N]
               [--ip ADDRESS] [--max-running N] [--token-budget N] [--kv-cache-mb N]
               [--gpu-memory-utilization F] [--background-chunk N]
-                          start an engine server in the background and connect; beyond loopback
-                          (--ip 0.0.0.0) it needs the CurveZMQ keys `parrot-nb keys` writes
+                          start an engine server in the background and connect; --engines defaults
+                          to one per visible GPU with --device cuda (each pinned to its GPU), one on
+                          cpu; beyond loopback (--ip 0.0.0.0) it needs the CurveZMQ keys
+                          `parrot-nb keys` writes
 %parrot connect [CONNECTION_FILE]
                           attach to a running server (default: the newest one)
 %parrot status            show the server's engines and applications
@@ -104,7 +106,7 @@ class ParrotMagics(Magics):
         except MagicLineError as exc:
             raise ValueError(f"{exc}\n{PARROT_USAGE}") from None
         client = session.start(**options)
-        engines = options["engines"]
+        engines = options["engines"] or len(session.status().engines)
         print(
             f"engine server started (pid {client.info.pid}, model {client.info.model}, device {options['device']}, "
             f"{engines} engine{'s' if engines != 1 else ''}); log: {session.server_log()}"

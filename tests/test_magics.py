@@ -342,6 +342,30 @@ def test_parrot_start_with_a_bad_engine_size_shows_the_servers_reason(ip):
     assert session.current_client() is None
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_parrot_start_on_cuda_runs_one_engine_per_visible_gpu_each_pinned_to_its_own(ip, monkeypatch, capsys):
+    # The same rule as `parrot-nb serve` (test_server); without CUDA here the engines cannot
+    # start, but the server has already planned them, one per GPU the user left visible.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    ip.run_line_magic("parrot", "start --model tiny --device cuda")
+    try:
+        assert "2 engines)" in capsys.readouterr().out
+        assert [(e.engine_id, e.gpu) for e in parrot_nb.status().engines] == [(0, "3"), (1, "5")]
+        shown = repr(ip.run_line_magic("parrot", "status"))
+        assert "engine 0 on GPU 3:" in shown and "engine 1 on GPU 5:" in shown
+    finally:
+        ip.run_line_magic("parrot", "stop")
+
+
+def test_parrot_start_on_cpu_runs_one_engine(ip, capsys):
+    ip.run_line_magic("parrot", "start --model tiny")
+    try:
+        assert "1 engine)" in capsys.readouterr().out
+        assert [(e.engine_id, e.gpu) for e in parrot_nb.status().engines] == [(0, "")]
+    finally:
+        ip.run_line_magic("parrot", "stop")
+
+
 def test_parrot_start_with_bad_option_raises_value_error_with_usage(ip):
     with pytest.raises(ValueError, match="--engines N"):
         ip.run_line_magic("parrot", "start --device tpu")

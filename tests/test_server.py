@@ -345,6 +345,20 @@ def test_shutdown_removes_the_connection_file_and_stops_the_engines(server_proce
     assert not pid_alive(engine_pid)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_on_cuda_runs_one_engine_per_visible_gpu_each_pinned_to_its_own(tmp_path, monkeypatch) -> None:
+    from conftest import ServerProcess
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    server = ServerProcess(tmp_path, "--device", "cuda")
+    try:
+        parrot_nb.connect(server.connection_file)
+        assert [(e.engine_id, e.gpu) for e in parrot_nb.status().engines] == [(0, "3"), (1, "5")]
+    finally:
+        parrot_nb.disconnect()
+        server.stop()
+
+
 def test_gpus_hidden_by_cuda_visible_devices_stay_hidden_from_engines(monkeypatch) -> None:
     from engine_server.server import visible_gpus
 
