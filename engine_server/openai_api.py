@@ -6,6 +6,8 @@ events (sse-starlette). Every HTTP request becomes a one-call application of the
 manager and engines that notebooks use: its prompt is one text segment (a chat request is
 rendered with the model's chat template first), cached at every full KV block (automatic
 prefix caching, keyed by the tokens: ``SegmentSpec.blocks``), and its output is one variable.
+The application is named ``openai/<kind>``, or ``openai/<kind>/<user>`` when the body names a
+``user``, so that the event log and the history tell clients apart.
 
 Threads. The manager is single-threaded (the server loop). The HTTP thread never touches it:
 it puts a command on ``HttpFront.commands`` and wakes the loop through an inproc ZMQ socket;
@@ -95,6 +97,7 @@ class HttpCall:
     var_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     usage: tuple[int, int, int] = (0, 0, 0)  # prompt, output and cached tokens, once finished
     ended: bool = False  # the loop sent "done" or "error"
+    user: str = ""  # the body's `user`: the application is openai/<kind>/<user>, or openai/<kind> without one
 
     def send(self, item: tuple) -> None:
         """Hand an item to the HTTP thread (called from the server loop)."""
@@ -369,6 +372,10 @@ class HttpFront:
             else:
                 texts = [completion_prompt(body)]
                 sampling = sampling_from(body, COMPLETION_DEFAULT_MAX_TOKENS)
+            user = body.get("user") or ""
+            if not isinstance(user, str) or len(user) > 256:
+                raise ApiError(400, "user must be a string of at most 256 characters (it names the request's "
+                               "application in the server's events)", param="user")  # fmt: skip
             stream = bool(body.get("stream", False))
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
@@ -377,7 +384,7 @@ class HttpFront:
                 raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         except ApiError as exc:
             return exc.response()
-        call = HttpCall(kind, texts, sampling, stream, bool(options.get("include_usage")), asyncio.get_running_loop())
+        call = HttpCall(kind, texts, sampling, stream, bool(options.get("include_usage")), asyncio.get_running_loop(), user=user)
         self._command("submit", call)
         if stream:
             return EventSourceResponse(self._events(call), sep="\n", ping=15)

@@ -639,7 +639,7 @@ class EngineServer:
             call.send(("error", 429, f"the server already has {self.graph.unfinished} unfinished requests, its "
                                      f"limit (--max-pending {self.config.max_pending}); retry later"))  # fmt: skip
             return
-        app = self.graph.open_app(new_id(), f"openai/{call.kind}")
+        app = self.graph.open_app(new_id(), f"openai/{call.kind}" + (f"/{call.user}" if call.user else ""))
         call.app_id = app.id
         function = FunctionSpec(
             "chat.completions" if call.kind == "chat" else "completions",

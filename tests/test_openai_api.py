@@ -109,6 +109,17 @@ def test_a_bad_option_is_a_400_that_names_it(api):
         api.completions.create(model="tiny", prompt="x", n=2)
 
 
+def test_a_requests_user_names_its_application_in_the_event_log(shared_server, api):
+    api.completions.create(model="tiny", prompt="x", max_tokens=2, user="alice")
+    api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, user="bob")
+    api.completions.create(model="tiny", prompt="y", max_tokens=2)
+    names = [e["app_name"] for e in shared_server.events() if e.get("type") == "RequestSubmitted"][-3:]
+    assert names == ["openai/completion/alice", "openai/chat/bob", "openai/completion"]
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body={"user": 7})
+    assert err.value.body["param"] == "user"
+
+
 def test_an_unknown_model_is_a_404_naming_the_served_one(api):
     with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
         api.completions.create(model="gpt-4o", prompt="x")
