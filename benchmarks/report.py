@@ -29,7 +29,9 @@ GOALS = {
     "copilot": ("mean request latency", 2.4),
     "gpts": ("sustainable request rate", 12.0),
     "multi_agent": ("JCT vs the latency-tuned baseline", 11.7),
+    "mixed": ("chat latency per output token", 5.5),  # and map-reduce JCT 3.7x (issue 17; MIXED_JCT_GOAL)
 }
+MIXED_JCT_GOAL = 3.7
 
 
 def load(results: Path) -> dict[str, dict[str, dict]]:
@@ -58,6 +60,8 @@ ROWS = {
                 (lambda p: "per output token", "mean_s_per_output_token", _ms)],
     "gpts": [(lambda p: f"{p['rate']:g} req/s: mean per output token", "mean_s_per_output_token", _ms)],
     "multi_agent": [(lambda p: f"{p['files']} files, JCT", "jct_s", _seconds)],
+    "mixed": [(lambda p: f"chat {p['chat_rate']:g} req/s: chat per output token", "chat_mean_s_per_output_token", _ms),
+              (lambda p: f"chat {p['chat_rate']:g} req/s: map-reduce JCT", "job_mean_jct_s", _seconds)],
 }  # fmt: skip
 
 
@@ -92,6 +96,25 @@ def rows(runs: dict[str, dict[str, dict]]) -> list[tuple[str, ...]]:
     return table
 
 
+def placement_rows(runs: dict[str, dict[str, dict]]) -> list[tuple[str, ...]]:
+    """(workload, shape, engines, configuration, side, engines used, affinity hit rate, engines per group,
+    latency-critical share beside other work) for every measured side that recorded its placement."""
+    table = []
+    for name, by_shape in sorted(runs.items()):
+        label = ROWS[name][0][0] if name in ROWS else str
+        for shape, data in sorted(by_shape.items()):
+            for c in data["configs"]:
+                for side in ("parrot", "baseline"):
+                    p = c.get(side, {}).get("placement")
+                    if p is None:
+                        continue
+                    cells = [f"{p[k]:.0%}" if k in p and k != "mean_engines_per_group" else str(p.get(k, "-"))
+                             for k in ("affinity_hit_rate", "mean_engines_per_group", "latency_beside_other_work")]  # fmt: skip
+                    table.append((name, shape, str(data.get("engines", "default")), label(c["params"]).split(":")[0], side,
+                                  ",".join(map(str, p["engines_used"])), *cells))  # fmt: skip
+    return table
+
+
 def _sustainable(cfgs: list[dict], side: str) -> tuple[str, float | None]:
     """The highest swept rate at which ``side`` met the latency target, printed and as a number."""
     ran = [c for c in cfgs if side in c]
@@ -106,10 +129,11 @@ def _sustainable(cfgs: list[dict], side: str) -> tuple[str, float | None]:
 def goals(runs: dict[str, dict[str, dict]]) -> list[str]:
     """One line per goal and measured setting: the goal, the ratio and the verdict."""
     lines = []
-    for name, (metric, goal) in GOALS.items():
+    for name in GOALS:
         for shape, data in sorted(runs.get(name, {}).items()):
             s = data.get("summary", {})
             measured: list[tuple[str, float | None]] = []
+            others: list[tuple[str, float, str, float | None]] = []  # (metric, goal, setting, ratio) of a second goal
             if name == "chain_summary":
                 measured = [(f"{k.split('_')[0][3:]} output tokens", v) for k, v in s.items() if k.endswith("_rtt250")]
             elif name == "map_reduce":
@@ -120,7 +144,11 @@ def goals(runs: dict[str, dict[str, dict]]) -> list[str]:
                 measured = [("", s.get("sustainable_rate_ratio", 0.0 if "parrot_sustainable_rate" in s else None))]
             elif name == "multi_agent":
                 measured = [(k.split("_")[0].replace("files", "") + " files", v) for k, v in s.items() if k.endswith("_vs_latency_tuned")]
-            for setting, got in measured:
+            elif name == "mixed":
+                measured = [(f"chat {k.split('_')[0][4:]} req/s", v) for k, v in s.items() if k.endswith("_chat_latency")]
+                others = [("map-reduce JCT", MIXED_JCT_GOAL, f"chat {k.split('_')[0][4:]} req/s", v)
+                          for k, v in s.items() if k.endswith("_job_jct")]  # fmt: skip
+            for metric, goal, setting, got in [(*GOALS[name], setting, got) for setting, got in measured] + others:
                 if got is None:
                     continue
                 if got <= 0:
@@ -194,6 +222,17 @@ def render(runs: dict[str, dict[str, dict]], out: Path) -> str:
     lines += [f"| {' | '.join(r)} |" for r in rows(runs)]
     lines += ["", "## Goals", "", "| workload | shape | metric | goal | measured | verdict |", "|---|---|---|---|---|---|"]
     lines += goals(runs)
+    placed = placement_rows(runs)
+    if placed:
+        lines += ["", "## Placement", "",
+                  "Where each side's scheduler put the requests, from its server's event log (`common.placement`): "
+                  "the engines used; the affinity hit rate (a group's requests after its first that went to an engine "
+                  "that had already run the group: one system prompt, one map-reduce job); the engines a group was "
+                  "spread over; and the share of latency-critical (chat) requests dispatched to an engine running "
+                  "other work at that moment (lower is better isolation).", "",
+                  "| workload | shape | engines | configuration | side | engines used | affinity hits | engines per group "
+                  "| chat beside other work |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {' | '.join(r)} |" for r in placed]
     lines += ["", "## Runs", ""]
     for name, by_shape in sorted(runs.items()):
         for shape, data in sorted(by_shape.items()):

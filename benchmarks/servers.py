@@ -46,7 +46,10 @@ class Server:
             path = self.delayed[rtt_ms][1]
         parrot_nb.disconnect()
         parrot_nb.connect(path)
-        while parrot_nb.status().engines[0].state != "ready":
+        deadline = time.monotonic() + 600
+        while (states := {e.state for e in parrot_nb.status().engines}) != {"ready"}:  # every engine loaded
+            if "dead" in states or time.monotonic() > deadline:
+                raise RuntimeError(f"an engine of {self.connection_file.name} did not start ({states}); see {self.log.name}")
             time.sleep(0.1)
 
     def events(self) -> list[dict]:

@@ -100,9 +100,12 @@ class Baseline:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
-    async def complete(self, prompt: str, max_tokens: int) -> str:
-        """One call, answered whole: the request and the answer each cross the network once."""
+    async def complete(self, prompt: str, max_tokens: int, user: str = "") -> str:
+        """One call, answered whole: the request and the answer each cross the network once.
+        ``user`` names the call's client in the server's event log (as a notebook names its app)."""
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        if user:
+            body["user"] = user
         await asyncio.sleep(self.half)
         r = await self.http.post(self.url, json=body)
         await asyncio.sleep(self.half)
@@ -137,22 +140,29 @@ SIDE_FLAGS = {
 }
 
 
-def start_side(name: str, tmp: Path, model: str, device: str) -> Side:
-    server = Server(tmp, name, model, device, *SIDE_FLAGS[name])
-    deadline = time.monotonic() + 600
-    url = json.loads(server.connection_file.read_text())["http"]
-    if name.startswith("parrot"):
-        server.use(0.0)
-    else:
-        while True:  # the engine loads, fuses and captures its graphs first
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.proc.poll() is not None:
-                raise RuntimeError(f"{name} server did not become ready; see {server.log.name}")
-            time.sleep(0.2)
+def start_side(name: str, tmp: Path, model: str, device: str, engines: int | None = None) -> Side:
+    """A side's server: ``engines`` workers, or the server's default (one per visible GPU on cuda)."""
+    flags = (*SIDE_FLAGS[name], *(("--engines", str(engines)) if engines else ()))
+    server = Server(tmp, name, model, device, *flags)
+    try:
+        deadline = time.monotonic() + 600
+        url = json.loads(server.connection_file.read_text())["http"]
+        server.use(0.0)  # every engine ready
+        if not name.startswith("parrot"):
+            parrot_nb.disconnect()
+            while True:  # the HTTP front answers too
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.proc.poll() is not None:
+                    raise RuntimeError(f"{name} server did not become ready; see {server.log.name}")
+                time.sleep(0.2)
+    except BaseException:
+        parrot_nb.disconnect()
+        server.stop()  # no server left behind
+        raise
     return Side(name, server, url)
 
 
@@ -162,6 +172,54 @@ def latency_ratios(cfgs: list[dict]) -> dict:
         f"out{c['params']['output_tokens']}_rtt{c['params']['rtt_ms']:g}": round(c["baseline"]["latency_s"] / c["parrot"]["latency_s"], 3)
         for c in cfgs if "parrot" in c and "baseline" in c
     }  # fmt: skip
+
+
+def client_name(app_name: str) -> str:
+    """The name a side gave a call's client: the notebook's application, or the HTTP body's user
+    (the server names that application ``openai/<kind>/<user>``)."""
+    return app_name.split("/", 2)[2] if app_name.startswith("openai/") and app_name.count("/") >= 2 else app_name
+
+
+def placement(events: list[dict], since: float, group_of: Callable[[str], str | None], latency: frozenset[str] = frozenset()) -> dict:
+    """Where the scheduler put the requests dispatched since ``since``, from the server's event log.
+
+    ``group_of`` maps a client name (see ``client_name``) to the group it belongs to: one system
+    prompt's users, one map-reduce job, all chat users. Returns the engines used; the affinity hit
+    rate (a group's dispatches after its first that went to an engine that had already run that
+    group, where its prefix is cached) and the mean number of engines per group, both over the
+    groups not in ``latency``; and, for the groups
+    in ``latency``, the share of their dispatches that landed on an engine running requests of
+    other groups at that moment (lower is better isolation)."""
+    group: dict[str, str | None] = {}
+    running: dict[int, dict[str, str]] = {}  # engine -> running request -> its group
+    seen: dict[str, set[int]] = {}  # group -> engines that ran it
+    hits = repeats = beside = latency_dispatches = 0
+    for e in events:
+        kind = e.get("type")
+        if kind == "RequestSubmitted":
+            group[e["request_id"]] = group_of(client_name(e.get("app_name", "")))
+        elif kind == "RequestDispatched" and e["t"] >= since and group.get(e["request_id"]) is not None:
+            g, engine = group[e["request_id"]], e["engine_id"]
+            if g in seen and g not in latency:
+                repeats += 1
+                hits += engine in seen[g]
+            seen.setdefault(g, set()).add(engine)
+            if g in latency:
+                latency_dispatches += 1
+                beside += any(other not in latency for other in running.get(engine, {}).values())
+            running.setdefault(engine, {})[e["request_id"]] = g
+        elif kind in ("RequestFinished", "RequestFailed", "RequestCancelled"):
+            for on in running.values():
+                on.pop(e["request_id"], None)
+    out: dict = {"engines_used": sorted({x for s in seen.values() for x in s})}
+    if repeats:
+        out["affinity_hit_rate"] = round(hits / repeats, 3)
+    others = [len(s) for g, s in seen.items() if g not in latency]
+    if others:
+        out["mean_engines_per_group"] = round(mean(others), 2)
+    if latency_dispatches:
+        out["latency_beside_other_work"] = round(beside / latency_dispatches, 3)
+    return out
 
 
 def open_apps(*names: str) -> None:
@@ -200,11 +258,14 @@ class Workload:
     # above the first rate a side cannot sustain); returns the reason, or "".
     skip: Callable[[str, dict, list[dict]], str] | None = None
     warm_up: bool = True  # run the first configuration once unmeasured with --warm (False: too costly)
+    # How its clients group for ``placement`` (client name -> group), and which groups are latency-critical.
+    group_of: Callable[[str], str | None] | None = None
+    latency_groups: frozenset[str] = frozenset()
 
 
 def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir: Path | None, script: str,
         model_dir: Path | None = None, work_dir: Path | None = None, only_sides: list[str] | None = None,
-        warm: bool = False) -> dict[str, dict]:  # fmt: skip
+        warm: bool = False, engines: int | None = None) -> dict[str, dict]:  # fmt: skip
     """Run every workload's configurations on each side (one server at a time); return results by name.
 
     The JSON files are rewritten after every configuration, so a run cut short keeps what it measured."""
@@ -217,7 +278,8 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
     results = {}
     for w in workloads:
         res = new_result(script)
-        res.update(workload=w.name, shape=shape, device=device, scale=scale, machine=_machine(device), warm=warm, configs=[])
+        res.update(workload=w.name, shape=shape, device=device, scale=scale, machine=_machine(device), warm=warm,
+                   engines=engines or "default", configs=[])  # fmt: skip
         res["configs"] = [{"params": p} for p in w.configs(scale)]
         results[w.name] = res
     wanted = only_sides or [*SIDE_FLAGS]
@@ -225,7 +287,7 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
     timings = {"checkpoint_s": round(checkpoint_s, 1)}
     for side_name in sides:
         t = time.perf_counter()
-        side = start_side(side_name, tmp, str(model), device)
+        side = start_side(side_name, tmp, str(model), device, engines)
         timings[f"{side_name}_start_s"] = round(time.perf_counter() - t, 1)
         try:
             _warm_up(side, vocab)
@@ -252,7 +314,10 @@ def run(workloads: list[Workload], shape: str, device: str, scale: str, out_dir:
                     else:
                         metrics = w.baseline(side, params, words)
                     metrics["wall_s"] = round(time.perf_counter() - t, 3)
-                    metrics["server"] = server_stats(side.server.events(), since)
+                    events = side.server.events()
+                    metrics["server"] = server_stats(events, since)
+                    if w.group_of is not None:
+                        metrics["placement"] = placement(events, since, w.group_of, w.latency_groups)
                     cfg[side_name] = metrics
                     print(f"[{w.name}] {side_name} {params}: {_short(metrics)}", file=sys.stderr, flush=True)
                     _write(results[w.name], w, out_dir, timings)
@@ -343,6 +408,8 @@ def cli(workloads: list[Workload], script: str, argv: list[str] | None = None) -
     ap.add_argument("--model-dir", type=Path, default=None, help="where the checkpoint is written (kept for reuse)")
     ap.add_argument("--out-dir", type=Path, default=None, help="write <workload>_<shape>.json here")
     ap.add_argument("--work-dir", type=Path, default=None, help="servers' logs and event logs (default: a temp dir)")
+    ap.add_argument("--engines", type=int, default=None,
+                    help="engine workers per server (default: the server's rule, one per visible GPU on cuda, one on cpu)")  # fmt: skip
     ap.add_argument("--sides", default="parrot,baseline,baseline-latency",
                     help=f"comma-separated, of {', '.join(SIDE_FLAGS)} (default: %(default)s)")  # fmt: skip
     ap.add_argument("--warm", action="store_true",
@@ -353,6 +420,6 @@ def cli(workloads: list[Workload], script: str, argv: list[str] | None = None) -
     if set(sides) - set(SIDE_FLAGS):
         ap.error(f"unknown sides {sorted(set(sides) - set(SIDE_FLAGS))}; they are {', '.join(SIDE_FLAGS)}")
     results = run(workloads, args.shape, args.device, args.scale, args.out_dir, script, args.model_dir, args.work_dir,
-                  sides, args.warm)  # fmt: skip
+                  sides, args.warm, args.engines)  # fmt: skip
     print(json.dumps({name: r.get("summary", {}) for name, r in results.items()}, indent=2))
     return 0

@@ -5,9 +5,11 @@
 Four applications, each a long system prompt (2,000-3,000 tokens); requests pick one of them at
 random, add a user query (100-200 tokens) and ask for 100-200 tokens, arriving as a Poisson process
 at each rate of a sweep for a fixed time. Per rate: mean latency, mean latency per output token and
-its 90th percentile. The sustainable rate is the highest rate whose mean latency per output token
+its 90th percentile, and where the scheduler put each system prompt's users (``placement``: the share
+of a prompt's requests after its first that went to an engine that had already run it). The sustainable rate is the highest rate whose mean latency per output token
 stays under the target (a user reading speed; the same target on both sides). The paper's 12x was
-on 4 GPUs, where app-centric placement also keeps each system prompt on one GPU; here there is one.
+on 4 GPUs, where app-centric placement also keeps each system prompt on one GPU: run it with
+``--engines N`` (or on a host with N GPUs, where N is the default).
 """
 
 from __future__ import annotations
@@ -88,15 +90,20 @@ def baseline(side: Side, p: dict, words: Words) -> dict:
         async with side.baseline() as b:
             t0 = time.perf_counter()
 
-            async def one(at: float, app: int, q: str, n: int) -> float:
+            async def one(i: int, at: float, app: int, q: str, n: int) -> float:
                 await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
                 start = time.perf_counter()
-                await b.complete(f"{systems[app]} User: {q} Assistant: ", n)
+                await b.complete(f"{systems[app]} User: {q} Assistant: ", n, user=f"gpt-{app}-user-{i}")
                 return time.perf_counter() - start
 
-            return list(await asyncio.gather(*(one(*a) for a in arrivals)))
+            return list(await asyncio.gather(*(one(i, *a) for i, a in enumerate(arrivals))))
 
     return _metrics(asyncio.run(go()), [n for *_, n in arrivals], p)
+
+
+def group_of(client: str) -> str | None:
+    """A system prompt's users are one group (gpt-<app>-user-<i>: gpt-<app>)."""
+    return client.rsplit("-user-", 1)[0] if client.startswith("gpt-") else None
 
 
 def summary(cfgs: list[dict]) -> dict:
@@ -117,7 +124,7 @@ def skip(side: str, p: dict, done: list[dict]) -> str:
     return f"missed the target at a lower rate ({missed[0]['rate']:g} req/s)" if missed else ""
 
 
-WORKLOAD = Workload("gpts", configs, parrot, baseline, summary=summary, skip=skip, warm_up=False)
+WORKLOAD = Workload("gpts", configs, parrot, baseline, summary=summary, skip=skip, warm_up=False, group_of=group_of)
 
 if __name__ == "__main__":
     sys.exit(cli([WORKLOAD], "workloads/gpts.py"))

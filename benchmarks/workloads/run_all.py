@@ -1,4 +1,4 @@
-"""All five workloads in one run, sharing each side's server (one server process at a time).
+"""All six workloads in one run, sharing each side's server (one server process at a time).
 
     python benchmarks/workloads/run_all.py --shape llama2-7b --device cuda --scale full --out-dir benchmarks/results/workloads
     python benchmarks/workloads/run_all.py --only chain_summary,copilot ...   # a subset
@@ -15,10 +15,11 @@ import chain_summary
 import copilot
 import gpts
 import map_reduce
+import mixed
 import multi_agent
 from common import cli
 
-WORKLOADS = [w.WORKLOAD for w in (chain_summary, map_reduce, copilot, gpts, multi_agent)]
+WORKLOADS = [w.WORKLOAD for w in (chain_summary, map_reduce, copilot, gpts, multi_agent, mixed)]
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
