@@ -237,7 +237,8 @@ def render(runs: dict[str, dict[str, dict]], out: Path) -> str:
     for name, by_shape in sorted(runs.items()):
         for shape, data in sorted(by_shape.items()):
             setup = ", ".join(f"{k} {v}" for k, v in data.get("setup_s", {}).items())
-            lines.append(f"- {name}, {shape}: `{data['command']}` at commit {data['commit']} on {data.get('machine', '?')} ({setup})")
+            engines = f", engines per server: {data['engines']}" if "engines" in data else ""
+            lines.append(f"- {name}, {shape}: `{data['command']}` at commit {data['commit']} on {data.get('machine', '?')}{engines} ({setup})")
     for path in (plot_output_length(runs, out), plot_rate(runs, out)):
         if path is not None:
             lines += ["", f"![{path.stem}]({path.name})"]
