@@ -706,6 +706,10 @@ class EngineServer:
         gpu = self._gpu_of(engine_id)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        elif self.config.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Several CPU engines share the cores: each would start a thread per core, and their
+            # spinning threads would slow every engine (oversubscription). Give each its share.
+            env["OMP_NUM_THREADS"] = str(cpu_threads_per_engine(self.config.engines))
         return subprocess.Popen(cmd, env=env)
 
     def _gpu_of(self, engine_id: int) -> str | None:
@@ -836,6 +840,11 @@ def default_engines(device: str) -> int:
     visible, one, which says why it cannot start), one on cpu. `parrot-nb serve`, `%parrot start`
     and `parrot-nb run` all leave the count to this rule."""
     return max(len(visible_gpus()), 1) if device == "cuda" else 1
+
+
+def cpu_threads_per_engine(engines: int) -> int:
+    """Each CPU engine's share of the cores this server may use (at least one)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, engines))
 
 
 def visible_gpus() -> list[str]:

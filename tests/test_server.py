@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -357,6 +358,27 @@ def test_serve_on_cuda_runs_one_engine_per_visible_gpu_each_pinned_to_its_own(tm
     finally:
         parrot_nb.disconnect()
         server.stop()
+
+
+def test_cpu_engines_split_the_cores_between_them_unless_the_user_set_omp_num_threads(tmp_path, monkeypatch) -> None:
+    from conftest import ServerProcess
+
+    def engine_threads(*args: str) -> list[str]:
+        server = ServerProcess(tmp_path, "--engines", "2", *args)
+        try:
+            parrot_nb.connect(server.connection_file)
+            pids = [e.pid for e in parrot_nb.status().engines]
+            environs = [dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in x) for pid in pids]
+            return [env.get("OMP_NUM_THREADS", "") for env in environs]
+        finally:
+            parrot_nb.disconnect()
+            server.stop()
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert engine_threads() == [share, share]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_threads() == ["3", "3"]
 
 
 def test_gpus_hidden_by_cuda_visible_devices_stay_hidden_from_engines(monkeypatch) -> None:
