@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines",
         type=int,
         default=None,
-        help="number of engine worker processes (default: 1 on cpu, one per visible GPU on cuda; "
-        "more engines than GPUs share them round robin)",
+        help="number of engine worker processes (default: 1 on cpu, one per visible GPU on cuda, each pinned "
+        "to its GPU; more engines than GPUs share them round robin; CPU engines split the cores unless "
+        "OMP_NUM_THREADS is set)",
     )
     parser.add_argument(
         "--port", type=int, default=None, help="requests port; events use PORT+1 (default: random free ports)"
