@@ -74,6 +74,29 @@ class ServerProcess:
                 self.proc.wait()
 
 
+def crash_until_dead(engine_id: int) -> float:
+    """Kill engine ``engine_id`` of the connected server each time it is restarted, until the
+    server gives it up (as a GPU that fails every start would); return when the first kill was.
+    Each new worker is killed as soon as it exists, so the crashes come well inside the restart
+    window however slowly this machine starts one."""
+    from engine_server.server import MAX_RESTARTS
+
+    killed: list[int] = []
+    started = time.monotonic()
+    for _ in range(MAX_RESTARTS + 1):
+        deadline = time.monotonic() + 60
+        while (engine := parrot_nb.status().engines[engine_id]).pid in killed:
+            assert time.monotonic() < deadline, f"engine {engine_id} was not restarted: {engine}"
+            time.sleep(0.02)
+        os.kill(engine.pid, signal.SIGKILL)
+        killed.append(engine.pid)
+    deadline = time.monotonic() + 60
+    while (engine := parrot_nb.status().engines[engine_id]).state != "dead":
+        assert time.monotonic() < deadline, f"engine {engine_id} was not given up: {engine}"
+        time.sleep(0.05)
+    return started
+
+
 def wait_http_healthy(server: ServerProcess) -> ServerProcess:
     """Wait until the server's OpenAI-compatible API (--http-port) says its engines are ready."""
     import httpx

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, crash_until_dead
 
 import parrot_nb
 from parrot_nb.function import SemanticFunction
@@ -255,6 +255,20 @@ def test_a_flooding_application_does_not_starve_another(two_engines: ServerProce
 @pytest.fixture
 def fresh_two_engines(tmp_path: Path) -> Iterator[ServerProcess]:
     yield from _two_engine_server(tmp_path)
+
+
+def test_an_engine_given_up_for_crashing_takes_no_other_engine_with_it(fresh_two_engines: ServerProcess) -> None:
+    # An engine whose GPU fails at every start is left dead; the other engine serves everything.
+    crash_until_dead(1)
+    assert [e.state for e in parrot_nb.status().engines] == ["ready", "dead"]
+    fn = SemanticFunction.from_template("survivor", "Still {{input:i}}: {{output:o max_tokens=4}}")
+    with parrot_nb.app("survivor"):
+        outs = [fn(i=str(i)) for i in range(4)]
+        assert [o.get(timeout=120) for o in outs] == [expected_text(fn, i=str(i)) for i in range(4)]
+    survivors = {e["request_id"] for e in fresh_two_engines.events() if e["type"] == "RequestQueued" and e["function"] == "survivor"}
+    placed = {e["engine_id"] for e in _dispatches(fresh_two_engines) if e["request_id"] in survivors}
+    assert placed == {0}
+    assert [e.state for e in parrot_nb.status().engines] == ["ready", "dead"]
 
 
 def _wait_for_dispatch(server: ServerProcess, request_fn: str, attempt: int) -> int:

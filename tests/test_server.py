@@ -414,23 +414,11 @@ def test_an_engine_that_cannot_start_fails_requests_with_its_reason(tmp_path) ->
 def test_an_engine_that_keeps_crashing_is_left_dead_and_calls_fail_with_the_reason(server_process) -> None:
     from engine_server.server import MAX_RESTARTS, RESTART_WINDOW_S
 
+    from conftest import crash_until_dead
+
     parrot_nb.connect(server_process.connection_file)
     try:
-        # Each new worker process is killed as soon as it exists, so the crashes come well
-        # inside the restart window however slowly this machine starts one.
-        killed: list[int] = []
-        started = time.monotonic()
-        for _ in range(MAX_RESTARTS + 1):
-            deadline = time.monotonic() + 60
-            while (engine := parrot_nb.status().engines[0]).pid in killed:
-                assert time.monotonic() < deadline, f"engine 0 was not restarted: {engine}"
-                time.sleep(0.02)
-            os.kill(engine.pid, signal.SIGKILL)
-            killed.append(engine.pid)
-        deadline = time.monotonic() + 60
-        while (engine := parrot_nb.status().engines[0]).state != "dead":
-            assert time.monotonic() < deadline, f"engine 0 was not given up: {engine}"
-            time.sleep(0.05)
+        started = crash_until_dead(0)
         assert time.monotonic() - started < RESTART_WINDOW_S, "too slow to test the cap: the window slid"
         changes = [e for e in server_process.events() if e["type"] == "EngineChanged" and e["engine_id"] == 0]
         assert [e["state"] for e in changes].count("restarting") == MAX_RESTARTS
