@@ -225,7 +225,7 @@ def render(runs: dict[str, dict[str, dict]], out: Path) -> str:
     placed = placement_rows(runs)
     if placed:
         lines += ["", "## Placement", "",
-                  "Where each side's scheduler put the requests, from its server's event log (`common.placement`): "
+                  "Where each side's scheduler put the requests, from its server's event log (`workloads/placement.py`): "
                   "the engines used; the affinity hit rate (a group's requests after its first that went to an engine "
                   "that had already run the group: one system prompt, one map-reduce job); the engines a group was "
                   "spread over; and the share of latency-critical (chat) requests dispatched to an engine running "

@@ -5,11 +5,12 @@
 Four applications, each a long system prompt (2,000-3,000 tokens); requests pick one of them at
 random, add a user query (100-200 tokens) and ask for 100-200 tokens, arriving as a Poisson process
 at each rate of a sweep for a fixed time. Per rate: mean latency, mean latency per output token and
-its 90th percentile, and where the scheduler put each system prompt's users (``placement``: the share
-of a prompt's requests after its first that went to an engine that had already run it). The sustainable rate is the highest rate whose mean latency per output token
-stays under the target (a user reading speed; the same target on both sides). The paper's 12x was
-on 4 GPUs, where app-centric placement also keeps each system prompt on one GPU: run it with
-``--engines N`` (or on a host with N GPUs, where N is the default).
+its 90th percentile, and where the scheduler put each system prompt's users (``placement``: the
+share of a prompt's requests after its first that went to an engine that had already run it). The
+sustainable rate is the highest rate whose mean latency per output token stays under the target
+(a user reading speed; the same target on both sides). The paper's 12x was on 4 GPUs, where
+app-centric placement also keeps each system prompt on one GPU: run it with ``--engines N`` (or on
+a host with N GPUs, where N is the default).
 """
 
 from __future__ import annotations
