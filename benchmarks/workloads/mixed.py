@@ -9,12 +9,13 @@ the chat answers' mean latency per output token (and its 90th percentile) and th
 mean completion time. The paper (4 GPUs): 5.5x better chat latency, 3.7x better map-reduce
 completion than request-centric serving.
 
-On parrot-nb a chat call's output is awaited directly, so it is latency-critical; a job's map calls
-feed one reduce, so they form a throughput task group. The scheduler keeps chat calls off engines
-busy with map work where it can, and runs each job's map stage on as few engines as hold it. The
-baseline sends every call as its own `/v1/completions` request (map calls of a job concurrently,
-then the reduce): no objectives, so each goes to the engine with the fewest requests running. Each
-side's placement is read from its event log: `latency_beside_other_work` is the share of chat
+On parrot-nb every call here is latency-critical (each job's reduce is awaited, and its map calls
+inherit that), but a job's map calls feed one reduce, so they form a task group: batched like
+throughput work, under the batch cap, and dispatched together to one engine. The scheduler sends a
+chat call to the engine with the least such batched work running. The baseline sends every call as
+its own `/v1/completions` request (map calls of a job concurrently, then the reduce): each is a
+one-call application in no task group, so each goes to the engine with the fewest requests
+running. Each side's placement is read from its event log: `latency_beside_other_work` is the share of chat
 dispatches that landed on an engine running map-reduce work at that moment, and
 `mean_engines_per_group` the engines a job's calls were spread over. With one engine both sides
 share it, and only the batching differs.
