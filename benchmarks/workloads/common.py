@@ -33,6 +33,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,14 @@ def latency_ratios(cfgs: list[dict]) -> dict:
         f"out{c['params']['output_tokens']}_rtt{c['params']['rtt_ms']:g}": round(c["baseline"]["latency_s"] / c["parrot"]["latency_s"], 3)
         for c in cfgs if "parrot" in c and "baseline" in c
     }  # fmt: skip
+
+
+def in_threads(calls: list[Callable[[], None]]) -> None:
+    """Run each call in its own thread (a user who sleeps until their arrival, then waits on their
+    answers) and return when all have; the first error is raised."""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
 
 
 def open_apps(*names: str) -> None:

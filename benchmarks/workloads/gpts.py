@@ -16,12 +16,12 @@ a host with N GPUs, where N is the default).
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sys
-import threading
 import time
 
-from common import Side, Words, Workload, cli, mean, open_apps, percentile
+from common import Side, Words, Workload, cli, in_threads, mean, open_apps, percentile
 
 import parrot_nb
 from parrot_nb import SemanticFunction
@@ -76,11 +76,7 @@ def parrot(p: dict, words: Words) -> dict:
             fns[app, n](q=q).get(timeout=1800)
         latencies[i] = time.perf_counter() - start
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(arrivals))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads([functools.partial(one, i) for i in range(len(arrivals))])
     return _metrics(latencies, [n for *_, n in arrivals], p)
 
 

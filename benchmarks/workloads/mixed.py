@@ -24,12 +24,12 @@ share it, and only the batching differs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sys
-import threading
 import time
 
-from common import Side, Words, Workload, cli, mean, open_apps, percentile
+from common import Side, Words, Workload, cli, in_threads, mean, open_apps, percentile
 
 import parrot_nb
 from parrot_nb import SemanticFunction
@@ -107,12 +107,7 @@ def parrot(p: dict, words: Words) -> dict:
             freduce(**{f"s{i}": s for i, s in enumerate(parts)}).get(timeout=1800)
         jcts[j] = time.perf_counter() - start
 
-    threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(chats))]
-    threads += [threading.Thread(target=job, args=(j,)) for j in range(len(jobs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_threads([functools.partial(chat, i) for i in range(len(chats))] + [functools.partial(job, j) for j in range(len(jobs))])
     return _metrics(chat_latencies, [n for *_, n in chats], jcts)
 
 
