@@ -198,6 +198,12 @@ def fork_bench(model, cfg, rows: list, context: int, n_seqs: int, decode_steps: 
         release(engine)
 
 
+def measured_commit(given: str | None) -> str:
+    """The commit a report names: ``--commit`` when given, else this checkout's HEAD ("unknown" outside git)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return given or head.stdout.strip() or "unknown"
+
+
 def write_report(text: str, path: str) -> None:
     """Print the report and write it to ``path`` (its folder made if missing)."""
     print(text)
@@ -236,13 +242,13 @@ def main() -> int:
     fork_bench(model, cfg, shared_rows, 8192, 64, steps // 2,
                [("shared-prefix kernel on (engine's choice)", True, None), ("shared-prefix kernel off", True, False)])  # fmt: skip
 
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = measured_commit(args.commit)
     dev = torch.cuda.get_device_name()
     lines = [
         "# Engine benchmark",
         "",
         f"Command: `python benchmarks/engine_bench.py{' --quick' if args.quick else ''}`  ",
-        f"Machine: {dev}, torch {torch.__version__}; commit {commit or 'unknown'}  ",
+        f"Machine: {dev}, torch {torch.__version__}; commit {commit}  ",
         f"Model: Llama-2-7B shape ({cfg.num_params() / 1e9:.2f} B parameters), random bf16 weights "
         f"(built in {build_s:.1f} s); block size 16; CUDA graphs for decode.  ",
         f"Weight bytes {weight_bytes / 1e9:.2f} GB; measured copy bandwidth {bw / 1e12:.2f} TB/s; "

@@ -108,10 +108,10 @@ def placement_rows(runs: dict[str, dict[str, dict]]) -> list[tuple[str, ...]]:
                     p = c.get(side, {}).get("placement")
                     if p is None:
                         continue
-                    cells = [f"{p[k]:.0%}" if k in p and k != "mean_engines_per_group" else str(p.get(k, "-"))
-                             for k in ("affinity_hit_rate", "mean_engines_per_group", "latency_beside_other_work")]  # fmt: skip
+                    share = lambda k: f"{p[k]:.0%}" if k in p else "-"  # noqa: E731
                     table.append((name, shape, str(data.get("engines", "default")), label(c["params"]).split(":")[0], side,
-                                  ",".join(map(str, p["engines_used"])), *cells))  # fmt: skip
+                                  ",".join(map(str, p["engines_used"])), share("affinity_hit_rate"),
+                                  str(p.get("mean_engines_per_group", "-")), share("latency_beside_other_work")))  # fmt: skip
     return table
 
 

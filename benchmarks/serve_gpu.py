@@ -27,15 +27,13 @@ from parrot_nb import SemanticFunction  # noqa: E402
 
 def make_7b(path: Path) -> None:
     """Random bf16 weights in Llama-2-7B's shape with a 32,000-word tokenizer (``w<id>`` is token id)."""
-    import dataclasses
-
     from checkpoints import write_word_checkpoint
 
     from engine_server.engine.model import llama2_7b_config
 
-    spec = {f.name: getattr(llama2_7b_config(), f.name) for f in dataclasses.fields(llama2_7b_config())}
+    cfg = llama2_7b_config()
     keep = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len", "rope_theta", "norm_eps")
-    write_word_checkpoint(path, {k: spec[k] for k in keep}, "cuda")
+    write_word_checkpoint(path, {k: getattr(cfg, k) for k in keep}, "cuda")
 
 
 def main() -> int:

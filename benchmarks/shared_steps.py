@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import IdTokenizer, gen, prompt, release, time_steps, write_report  # noqa: E402
+from engine_bench import IdTokenizer, gen, measured_commit, prompt, release, time_steps, write_report  # noqa: E402
 
 from engine_server.engine.engine import Engine, EngineConfig, TextSegment  # noqa: E402
 from engine_server.engine.model import ModelConfig, build_random_model, llama2_7b_config  # noqa: E402
@@ -79,12 +78,12 @@ def main() -> int:
         return 2
     steps = 10 if args.quick else 40
     batches = BATCHES[:2] if args.quick else BATCHES
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = measured_commit(args.commit)
     lines = [
         "# Engine decode steps over shared prefixes",
         "",
         f"Command: `python benchmarks/shared_steps.py{' --quick' if args.quick else ''}`  ",
-        f"Machine: {torch.cuda.get_device_name()}, torch {torch.__version__}; commit {commit or 'unknown'}  ",
+        f"Machine: {torch.cuda.get_device_name()}, torch {torch.__version__}; commit {commit}  ",
         f"Random bf16 weights; block size 16; CUDA graphs on; {steps} timed steps after 3 untimed; "
         "each sequence = the shared prefix + 16 tokens of its own, then decode.  ",
         "Decode tokens/s per side; 'choice' is the engine's default (`shared_prefix_kernel=None`), "

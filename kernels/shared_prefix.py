@@ -159,6 +159,11 @@ def group_block_m(queries_per_kv: int) -> int:
     return max(GROUP_BLOCK_M, triton.next_power_of_2(queries_per_kv))
 
 
+def suffix_block_m(queries_per_kv: int) -> int:
+    """Rows of a suffix item's tile: one sequence's query heads of a KV head, padded to the dot's minimum."""
+    return max(SUFFIX_BLOCK_M, triton.next_power_of_2(queries_per_kv))
+
+
 @dataclass
 class _Items:
     """A plan's work items on the host (see ``SharedPrefixLaunch``)."""
@@ -249,38 +254,36 @@ class SharedPrefixLaunch:
     host: torch.Tensor | None = None  # a static launch's pinned staging buffer
 
     @staticmethod
-    def _views(buffer: torch.Tensor, n_items: int, n_slots: int, n_seqs: int) -> dict:
-        sizes = {"counts": 2, "items": 5 * n_items, "item_seqs": n_slots, "item_slots": n_slots, "slot_offsets": n_seqs + 1}
+    def _layout(n_items: int, n_slots: int, n_seqs: int) -> dict[str, int]:
+        """The buffer's parts, in order, and their lengths in int32s."""
+        return {"counts": 2, "items": 5 * n_items, "item_seqs": n_slots, "item_slots": n_slots, "slot_offsets": n_seqs + 1}
+
+    @classmethod
+    def _views(cls, buffer, n_items: int, n_slots: int, n_seqs: int) -> dict:
+        """The parts of ``buffer`` (a device tensor, or the host array it is packed in) as views."""
         views, at = {}, 0
-        for name, size in sizes.items():
+        for name, size in cls._layout(n_items, n_slots, n_seqs).items():
             views[name] = buffer[at : at + size]
             at += size
-        views["items"] = views["items"].view(n_items, 5)
+        views["items"] = views["items"].reshape(n_items, 5)
         return views
 
-    @staticmethod
-    def _size(n_items: int, n_slots: int, n_seqs: int) -> int:
-        return 2 + 5 * n_items + 2 * n_slots + n_seqs + 1
-
-    @staticmethod
-    def _pack(out: np.ndarray, items: _Items, n_items: int, n_slots: int) -> None:
-        out[0], out[1] = items.n_group_items, items.n_suffix_items
-        at = 2
-        out[at : at + items.rows.size] = items.rows.reshape(-1)
-        at += 5 * n_items
-        out[at : at + len(items.item_seqs)] = items.item_seqs
-        at += n_slots
-        out[at : at + len(items.item_slots)] = items.item_slots
-        at += n_slots
-        out[at : at + len(items.slot_offsets)] = items.slot_offsets
+    @classmethod
+    def _pack(cls, out: np.ndarray, items: _Items, n_items: int, n_slots: int, n_seqs: int) -> None:
+        """Write ``items`` into the host array ``out`` laid out for that many items, slots and rows."""
+        views = cls._views(out, n_items, n_slots, n_seqs)
+        views["counts"][:] = (items.n_group_items, items.n_suffix_items)
+        for name, part in (("items", items.rows), ("item_seqs", items.item_seqs), ("item_slots", items.item_slots),
+                           ("slot_offsets", items.slot_offsets)):  # fmt: skip
+            views[name][: len(part)] = part
 
     @classmethod
     def build(cls, plan: SharedPrefixPlan, device: torch.device, queries_per_kv: int, n_kv_heads: int) -> SharedPrefixLaunch:
         """The launch of exactly this plan's items (one host-to-device copy)."""
         items = _items(plan, queries_per_kv, n_kv_heads, multiprocessors(device))
         n_items, n_slots, n_seqs = len(items.rows), len(items.item_seqs), len(plan.context_lens)
-        host = np.empty(cls._size(n_items, n_slots, n_seqs), dtype=np.int32)
-        cls._pack(host, items, n_items, n_slots)
+        host = np.empty(sum(cls._layout(n_items, n_slots, n_seqs).values()), dtype=np.int32)
+        cls._pack(host, items, n_items, n_slots, n_seqs)
         buffer = torch.from_numpy(host).to(device, non_blocking=True)
         return cls(buffer, **cls._views(buffer, n_items, n_slots, n_seqs), group_items=items.n_group_items,
                    suffix_items=items.n_suffix_items, n_slots=n_slots, max_slots=items.max_slots,
@@ -299,7 +302,7 @@ class SharedPrefixLaunch:
         n_slots = n_seqs * (target + 4)
         n_items = group_items + suffix_items
         with torch.inference_mode(False):  # refilled in place every step, whatever mode the step runs in
-            buffer = torch.zeros(cls._size(n_items, n_slots, n_seqs), dtype=torch.int32, device=device)
+            buffer = torch.zeros(sum(cls._layout(n_items, n_slots, n_seqs).values()), dtype=torch.int32, device=device)
             host = torch.zeros(buffer.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         launch = cls(buffer, **cls._views(buffer, n_items, n_slots, n_seqs), group_items=group_items,
                      suffix_items=suffix_items, n_slots=n_slots, max_slots=STATIC_MERGE_SLOTS,
@@ -320,7 +323,7 @@ class SharedPrefixLaunch:
         items = _items(plan.padded(n_seqs), self.queries_per_kv, self.n_kv_heads, multiprocessors(self.buffer.device))
         if items.n_group_items > self.group_items or items.n_suffix_items > self.suffix_items or len(items.item_seqs) > self.n_slots:
             return False
-        self._pack(self.host.numpy(), items, len(self.items), self.n_slots)
+        self._pack(self.host.numpy(), items, len(self.items), self.n_slots, n_seqs)
         self.buffer.copy_(self.host, non_blocking=True)
         return True
 
@@ -439,7 +442,7 @@ def shared_prefix_decode_attention(
         m.stride(0), acc.stride(0), acc.stride(1), scale * LOG2E, n_kv_heads,
     )
     shapes = dict(
-        GROUP=group, GROUP_M=group_block_m(group), SUFFIX_M=max(SUFFIX_BLOCK_M, triton.next_power_of_2(group)),
+        GROUP=group, GROUP_M=group_block_m(group), SUFFIX_M=suffix_block_m(group),
         PAGE=page, HEAD_DIM=head_dim, PREFETCH=PREFETCH, **dot_options(k_cache),
     )
     group_config = dict(BLOCK_N=GROUP_BLOCK_N, num_warps=GROUP_WARPS, num_stages=GROUP_STAGES)
@@ -522,7 +525,7 @@ def decode_cost(
         if n > a:
             suffix_tokens += n - a
             slots += -(-(n - a) // chunk)
-    suffix_m = max(SUFFIX_BLOCK_M, triton.next_power_of_2(group))
+    suffix_m = suffix_block_m(group)
     token_bytes = 2 * n_kv_heads * head_dim * dtype_bytes
     return DecodeCost(
         paged_bytes=plan.paged_tokens * token_bytes,

@@ -838,11 +838,12 @@ class Engine:
         self.stats["forward_tokens"] += len(tokens)
         dev = self.device
         decode, prefill = batch[:num_decode], batch[num_decode:]
+        decode_seqs = [s for s, _ in decode]
         plan = None
         graphed = self.graphs is not None and not prefill
-        staged = self.graphs.stage([s for s, _ in decode]) if graphed else None  # the planner reads these rows too
+        staged = self.graphs.stage(decode_seqs) if graphed else None  # the planner reads these rows too
         if decode and self.uses_shared_kernel:
-            plan = self._shared_plan([s for s, _ in decode], staged)
+            plan = self._shared_plan(decode_seqs, staged)
         if graphed:
             logits = self.graphs.run(tokens, positions, slots, plan)
             if logits is not None:
@@ -855,7 +856,7 @@ class Engine:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode=num_decode,
-            decode_block_tables=tables([s for s, _ in decode]) if decode else None,
+            decode_block_tables=tables(decode_seqs) if decode else None,
             decode_context_lens=(
                 torch.tensor([s.num_computed + 1 for s, _ in decode], dtype=torch.int32, device=dev) if decode else None
             ),
